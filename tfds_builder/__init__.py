@@ -1,0 +1,1 @@
+"""TFDS dataset builders of the project (one folder per dataset, `tfds new` layout)."""
