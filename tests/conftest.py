@@ -3,6 +3,40 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Identical programs compiled by different tests (every tiny run compiles the same steps) are
+# read back from a persistent cache instead of being compiled again.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "tvunet_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+  """The tiny config's phantom and its TFDS build, made once per test session.
+
+  Returns (manual_dir, data_dir) as strings.
+  """
+  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
+  from tvunet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tiny_data")
+  cfg = tiny.get_config()
+  manual_dir, data_dir = str(root / "medseg_phantom"), str(root / "tfds")
+  input_pipeline.prepare_dataset(manual_dir, data_dir, cfg.data.builder_config,
+                                 phantom=cfg.data.phantom.to_dict())
+  return manual_dir, data_dir
+
+
+@pytest.fixture
+def tiny_config(tiny_data):
+  """The tiny config pointed at the session's prebuilt data (unlocked for per-test edits)."""
+  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
+  cfg = tiny.get_config()
+  cfg.unlock()
+  cfg.data.manual_dir, cfg.data.data_dir = tiny_data
+  cfg.data.generate_phantom = False
+  return cfg

@@ -26,6 +26,7 @@ import scipy.ndimage
 import tensorflow_datasets as tfds
 
 from tfds_builder import covid19_ct_seg
+from tfds_builder.covid19_ct_seg import covid19_ct_seg_dataset_builder as covid19_ct_seg_builder
 
 # Lung window (W 1500, L -600): the intensity range a radiologist reads lung infection in.
 LUNG_WINDOW = (-1350.0, 150.0)
@@ -54,6 +55,26 @@ class Augment:
   @property
   def enabled(self) -> bool:
     return bool(self.flip or self.rotate_deg or self.shift_px or self.hu_jitter)
+
+
+def prepare_dataset(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                    builder_config: str, phantom: dict | None = None) -> None:
+  """Makes `covid19_ct_seg/<builder_config>` exist in `data_dir`.
+
+  With `phantom` (keyword arguments of `phantom.write_medseg_phantom`), a `manual_dir` that holds
+  no complete phantom or MedSeg download is filled with the synthetic phantom first. An existing
+  complete TFDS build is reused as is.
+  """
+  manual_dir = os.path.abspath(os.fspath(manual_dir))
+  has_data = os.path.exists(os.path.join(manual_dir, covid19_ct_seg_builder.TR_IMAGE))
+  if phantom is not None and not has_data:
+    from tvunet_jax import phantom as phantom_lib  # pylint: disable=g-import-not-at-top
+    # Generated beside the target and renamed into place: an interrupted run never leaves a
+    # partial phantom under manual_dir.
+    tmp = f"{manual_dir}.incomplete-{os.getpid()}"
+    phantom_lib.write_medseg_phantom(tmp, overwrite=True, **phantom)
+    os.replace(tmp, manual_dir)
+  covid19_ct_seg.build(manual_dir, data_dir, builder_config)
 
 
 def load_split(data_dir: str | os.PathLike, config: str, split: str):

@@ -110,6 +110,9 @@ def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
   suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
   os.close(fd)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private to the writer
   try:
     img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm", "sec")

@@ -1,0 +1,1 @@
+"""Experiments: configs, benchmark and reproduction scripts (never imported by the library)."""
