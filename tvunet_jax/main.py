@@ -11,6 +11,7 @@ On Cloud TPU pods, SLURM and Open MPI launches, `jax.distributed.initialize()` r
 cluster from the environment (`--distributed=auto` does this when it finds one).
 """
 
+import json
 import os
 
 import jax
@@ -47,7 +48,8 @@ def main(argv):
   logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.info("final: %s", json.dumps(final, sort_keys=True))
 
 
 if __name__ == "__main__":

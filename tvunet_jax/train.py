@@ -415,11 +415,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
       checkpointing.write_json_atomic(os.path.join(workdir, "test_metrics.json"),
                                       metrics.to_jsonable(result))
+  final["param_fingerprint"] = param_fingerprint(state.params)
   ckpt.wait()
   ckpt.close()
   train_iter.close()
   writer.close()
   return final
+
+
+def param_fingerprint(params) -> float:
+  """sum |p| * (1 + index) over this process's own copy of the parameters.
+
+  Computed from local device data, so two processes that disagree on replicated parameters
+  print different numbers (the multi-process test compares them).
+  """
+  total = 0.0
+  for i, leaf in enumerate(jax.tree.leaves(params)):
+    local = np.concatenate([np.ravel(s.data) for s in leaf.addressable_shards
+                            if s.replica_id == 0] or [np.ravel(leaf.addressable_data(0))])
+    total += float(np.sum(np.abs(local.astype(np.float64)))) * (1 + i)
+  return total
 
 
 def _update_plateau(meta: dict, value: float, t: ml_collections.ConfigDict) -> bool:
