@@ -162,3 +162,18 @@ def test_non_finite_step_is_flagged_and_stops_run(tiny_config, tmp_path, monkeyp
     train.train_and_evaluate(tiny_config, workdir)
   params, _ = _final_params(workdir, tiny_config)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_load_for_inference_reproduces_eval_logits(tiny_config, tmp_path):
+  """The weights and contract saved by a run rebuild the same network with no config file."""
+  tiny_config.data.test_split = ""
+  tiny_config.train.num_steps = 2
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config, workdir)
+  model, variables, contract = checkpointing.load_for_inference(workdir)
+  assert contract["model"]["base"] == tiny_config.model.base
+  x = np.random.default_rng(0).normal(size=(2, 128, 128, 1)).astype(np.float32)
+  ref_model = train.build_model(tiny_config.model)
+  ref_vars, _ = _final_params(workdir, tiny_config)
+  np.testing.assert_array_equal(model.apply(variables, x, train=False),
+                                ref_model.apply(ref_vars, x, train=False))

@@ -23,7 +23,10 @@ import platform
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from tvunet_jax import models
 
 CONTRACT_FILE = "model_contract.json"
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
@@ -118,6 +121,33 @@ def restore_variables(path: str, abstract_variables: dict) -> tuple[dict, dict]:
   finally:
     mngr.close()
   return restored["state"], meta
+
+
+def build_model(model_cfg: dict) -> models.UNet:
+  """The U-Net described by a config's `model` block (as saved in the model contract)."""
+  return models.UNet(base=model_cfg["base"], depth=model_cfg["depth"],
+                     dropout=model_cfg["dropout"], num_outputs=model_cfg["num_outputs"],
+                     dtype=jnp.dtype(model_cfg["dtype"]), upsample=model_cfg["upsample"],
+                     pool=model_cfg["pool"])
+
+
+def load_for_inference(path: str, sharding: jax.sharding.Sharding | None = None
+                       ) -> tuple[models.UNet, dict, dict]:
+  """(model, variables, contract) from a workdir or checkpoint, ready for `model.apply`.
+
+  The model is rebuilt from the contract saved with the weights, so inference needs no config
+  file; `sharding` (e.g. replicated over a mesh) places the variables.
+  """
+  contract = read_contract(path)
+  model = build_model(contract["model"])
+  h, w = contract["image_size"]
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, h, w, contract.get("in_channels", 1))), train=False))
+  if sharding is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            abstract)
+  variables, _ = restore_variables(path, abstract)
+  return model, variables, contract
 
 
 def library_versions() -> dict[str, str]:

@@ -45,9 +45,7 @@ DROPOUT_RNG_IMPL = "rbg"
 
 
 def build_model(model_cfg: ml_collections.ConfigDict) -> models.UNet:
-  return models.UNet(base=model_cfg.base, depth=model_cfg.depth, dropout=model_cfg.dropout,
-                     num_outputs=model_cfg.num_outputs, dtype=jnp.dtype(model_cfg.dtype),
-                     upsample=model_cfg.upsample, pool=model_cfg.pool)
+  return checkpointing.build_model(model_cfg.to_dict())
 
 
 def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
