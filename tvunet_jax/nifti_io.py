@@ -24,6 +24,10 @@ import numpy as np
 # the first two axes; the phantom writes the same quirk so one reader serves both.
 STORAGE_ROT90_K = 1
 
+# The MedSeg download's file layout, shared by the phantom writer and the TFDS builder.
+TR_IMAGE, TR_MASK, TR_LUNG = "tr_im.nii.gz", "tr_mask.nii.gz", "tr_lungmasks_updated.nii.gz"
+RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = "rp_im", "rp_msk", "rp_lung_msk"
+
 
 def from_storage(stored: np.ndarray) -> np.ndarray:
   """(X, Y, ...) array as stored in MedSeg files -> (rows, cols, ...) display orientation."""

@@ -50,8 +50,9 @@ from_storage = nifti_io.from_storage
 BACKGROUND, GROUND_GLASS, CONSOLIDATION, PLEURAL_EFFUSION = 0, 1, 2, 3
 RIGHT_LUNG, LEFT_LUNG = 1, 2
 
-TR_IMAGE, TR_MASK, TR_LUNG = "tr_im.nii.gz", "tr_mask.nii.gz", "tr_lungmasks_updated.nii.gz"
-RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = "rp_im", "rp_msk", "rp_lung_msk"
+TR_IMAGE, TR_MASK, TR_LUNG = nifti_io.TR_IMAGE, nifti_io.TR_MASK, nifti_io.TR_LUNG
+RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = (nifti_io.RP_IMAGE_DIR, nifti_io.RP_MASK_DIR,
+                                          nifti_io.RP_LUNG_DIR)
 PROVENANCE = "phantom.json"
 GENERATOR_VERSION = 1  # bump when the same seed would produce different arrays
 

@@ -29,12 +29,10 @@ import tensorflow_datasets as tfds
 
 from tvunet_jax import nifti_io
 
-# Everything TFDS needs to know about the raw files lives here, so that the build command, the
-# tests and the docs name the same files.
-TR_IMAGE = "tr_im.nii.gz"
-TR_MASK = "tr_mask.nii.gz"
-TR_LUNG = "tr_lungmasks_updated.nii.gz"  # optional in the MedSeg download
-RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = "rp_im", "rp_msk", "rp_lung_msk"
+# The raw file names (one definition, shared with the phantom writer). TR_LUNG is optional.
+TR_IMAGE, TR_MASK, TR_LUNG = nifti_io.TR_IMAGE, nifti_io.TR_MASK, nifti_io.TR_LUNG
+RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = (nifti_io.RP_IMAGE_DIR, nifti_io.RP_MASK_DIR,
+                                          nifti_io.RP_LUNG_DIR)
 NUM_LABELS = 4  # 0 background, 1 ground-glass, 2 consolidation, 3 pleural effusion
 
 
