@@ -1,0 +1,317 @@
+"""Tests for tvunet_jax.losses: hand-computed values, numpy/scikit-learn references, gradients."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss
+
+from tvunet_jax import losses
+
+# A 4x4 map whose differences are written out below.
+P4 = np.array([
+    [0.0, 0.5, 0.5, 1.0],
+    [0.0, 0.5, 1.0, 1.0],
+    [0.2, 0.2, 0.2, 0.2],
+    [1.0, 0.0, 0.0, 0.0],
+], np.float32)
+# Vertical |P[i+1,j] - P[i,j]| (12 terms):
+#   row1-row0: 0, 0, .5, 0       -> 0.5
+#   row2-row1: .2, .3, .8, .8    -> 2.1
+#   row3-row2: .8, .2, .2, .2    -> 1.4      total 4.0
+# Horizontal |P[i,j+1] - P[i,j]| (12 terms):
+#   row0: .5, 0, .5 -> 1.0; row1: .5, .5, 0 -> 1.0; row2: 0; row3: 1, 0, 0 -> 1.0   total 3.0
+P4_SUM = 7.0
+P4_MEAN = 4.0 / 12 + 3.0 / 12
+
+
+# Jitted entry points: one compile per shape instead of one per eager op, which
+# keeps this file fast. test_total_loss_jit_matches_eager covers the eager path.
+aniso = jax.jit(losses.anisotropic_tv, static_argnames='reduction')
+iso = jax.jit(losses.isotropic_tv, static_argnames='reduction')
+bce = jax.jit(losses.bce_with_logits)
+dice = jax.jit(losses.soft_dice_loss)
+total = jax.jit(losses.total_loss, static_argnames=('tv_reduction', 'tv_kind', 'tv_channels'))
+
+
+def _close(a, b, tol=1e-6):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------- anisotropic TV
+
+
+def test_anisotropic_tv_hand_values_4x4():
+  p = P4[None]  # (1, 4, 4)
+  _close(aniso(p, 'sum'), P4_SUM)
+  _close(aniso(p, 'mean'), P4_MEAN)
+  # (B, H, W, 1) gives the same numbers as (B, H, W).
+  _close(aniso(p[..., None], 'sum'), P4_SUM)
+
+
+def test_anisotropic_tv_hand_values_3x3_cross():
+  p = np.array([[[0, 1, 0], [0, 1, 0], [0, 0, 0]]], np.float32)
+  # vertical: 0,0,0 | 0,1,0 -> 1 over 6 terms; horizontal: 1,1 | 1,1 | 0,0 -> 4 over 6 terms.
+  _close(aniso(p, 'sum'), 5.0)
+  _close(aniso(p, 'mean'), 1 / 6 + 4 / 6)
+
+
+def test_anisotropic_tv_batch_reduction():
+  # Second image constant (TV 0). 'sum' = per-image sum, batch mean: 7 / 2.
+  # 'mean' = each difference map averaged over its 2 * 12 terms: 4/24 + 3/24.
+  p = np.stack([P4, np.full((4, 4), 0.3, np.float32)])
+  _close(aniso(p, 'sum'), 3.5)
+  _close(aniso(p, 'mean'), 7 / 24)
+
+
+def test_anisotropic_tv_matches_numpy_and_authors_form():
+  rng = np.random.default_rng(0)
+  p = rng.uniform(size=(3, 8, 6, 2)).astype(np.float32)
+  dh, dw = np.abs(np.diff(p, axis=1)), np.abs(np.diff(p, axis=2))
+  # Authors (TV_UNET.py): reduce_mean(|dh|) + reduce_mean(|dw|).
+  _close(aniso(p, 'mean'), dh.mean() + dw.mean(), 1e-5)
+  _close(aniso(p, 'sum'),
+         (dh.sum(axis=(1, 2, 3)) + dw.sum(axis=(1, 2, 3))).mean(), 1e-5)
+
+
+def test_tv_zero_on_constant_map_with_zero_gradient():
+  p = jnp.full((2, 5, 5, 1), 0.7)
+  for fn in (aniso, iso):
+    for red in losses.REDUCTIONS:
+      assert float(fn(p, red)) == pytest.approx(0.0, abs=1e-7)
+  # |d| has subgradient 0 at d = 0: flat regions feel no TV force.
+  g = jax.jit(jax.grad(lambda q: aniso(q, 'sum')))(p)
+  assert float(jnp.max(jnp.abs(g))) == 0.0
+
+
+def test_tv_grows_with_isolated_specks():
+  # Each isolated interior speck of 1 on 0 adds 4 unit differences.
+  positions = [(2, 2), (2, 10), (10, 2), (10, 10)]
+  values = []
+  for k in range(len(positions) + 1):
+    p = np.zeros((1, 16, 16), np.float32)
+    for r, c in positions[:k]:
+      p[0, r, c] = 1.0
+    values.append(float(aniso(p, 'sum')))
+    # mean: 2 vertical + 2 horizontal unit differences per speck, 15*16 terms each.
+    _close(aniso(p, 'mean'), 2 * k / 240 + 2 * k / 240)
+    # isotropic, speck at (r, c): term (r, c) has dx = dy = -1 -> sqrt(2); term
+    # (r, c-1) has dx = 1 -> 1; term (r-1, c) has dy = 1 -> 1.
+    _close(iso(p, 'sum', eps=0.0), k * (2 + math.sqrt(2)), 1e-5)
+  assert values == [0.0, 4.0, 8.0, 12.0, 16.0]
+
+
+def test_tv_weights_exclude_padding():
+  # Last column is padding (weight 0); its differences must not count.
+  w = np.ones((1, 4, 4), np.float32)
+  w[:, :, 3] = 0
+  p = P4[None]
+  # vertical over columns 0..2: .5 + (.2+.3+.8) + (.8+.2+.2) = 3.0 over 9 terms;
+  # horizontal over pairs (0,1), (1,2): .5 + 1.0 + 0 + 1.0 = 2.5 over 8 terms.
+  _close(aniso(p, 'sum', weights=w), 5.5)
+  _close(aniso(p, 'mean', weights=w), 3.0 / 9 + 2.5 / 8)
+  # Masking the column equals cropping it away, whatever the padded values are.
+  p_garbage = p.copy()
+  p_garbage[:, :, 3] = np.array([0.9, -3.0, 7.0, 0.1])
+  for red in losses.REDUCTIONS:
+    for fn in (aniso, iso):
+      _close(fn(p_garbage, red, weights=w), fn(p[:, :, :3], red), 1e-6)
+  # Top row padded too: a pair counts only if *both* pixels have weight. The crop
+  # P[1:, :3] = [[0, .5, 1], [.2, .2, .2], [1, 0, 0]] has vertical differences
+  # .2 + .3 + .8 + .8 + .2 + .2 = 2.5 (6 terms), horizontal .5 + .5 + 0 + 0 + 1 + 0
+  # = 2.0 (6 terms).
+  w[:, 0, :] = 0
+  p_garbage[:, 0, :] = np.array([5.0, -1.0, 3.0, 2.0])
+  _close(aniso(p_garbage, 'sum', weights=w), 4.5)
+  _close(aniso(p_garbage, 'mean', weights=w), 2.5 / 6 + 2.0 / 6)
+  for red in losses.REDUCTIONS:
+    _close(iso(p_garbage, red, weights=w), iso(p[:, 1:, :3], red), 1e-6)
+
+
+def test_tv_sum_ignores_fully_padded_batch_entries():
+  p = np.stack([P4, np.random.default_rng(1).uniform(size=(4, 4)).astype(np.float32)])
+  w = np.stack([np.ones((4, 4)), np.zeros((4, 4))]).astype(np.float32)
+  _close(aniso(p, 'sum', weights=w), P4_SUM)  # not 7 / 2
+  _close(aniso(p, 'mean', weights=w), P4_MEAN)
+  # All weights zero: 0, not NaN, and a finite gradient.
+  z = np.zeros_like(w)
+  for red in losses.REDUCTIONS:
+    assert float(aniso(p, red, weights=z)) == 0.0
+    g = jax.grad(lambda q, r=red: aniso(q, r, weights=z))(p)
+    assert np.all(np.isfinite(g))
+
+
+# ------------------------------------------------------------------- isotropic TV
+
+
+def test_isotropic_tv_hand_values_3x3():
+  p = np.array([[[0, 1, 0], [0, 1, 0], [0, 0, 0]]], np.float32)
+  # Terms at (i, j) in {0,1}^2 with dx = P[i,j+1]-P[i,j], dy = P[i+1,j]-P[i,j]:
+  # (0,0): dx=1, dy=0 -> 1; (0,1): dx=-1, dy=0 -> 1; (1,0): dx=1, dy=0 -> 1;
+  # (1,1): dx=-1, dy=-1 -> sqrt(2).
+  _close(iso(p, 'sum', eps=0.0), 3 + math.sqrt(2))
+  _close(iso(p, 'mean', eps=0.0), (3 + math.sqrt(2)) / 4)
+  # The default eps moves each term by less than sqrt(eps) = 1e-4.
+  _close(iso(p, 'sum'), 3 + math.sqrt(2), 1e-4)
+
+
+# ------------------------------------------------------------------------- BCE
+
+
+def test_bce_hand_values():
+  x = np.array([[[0.0, 2.0], [-1.0, 100.0]]], np.float32)
+  y = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)
+  # x=0,y=1: log 2 = 0.6931472;  x=2,y=0: log(1+e^2) = 2.1269280;
+  # x=-1,y=0: log(1+e^-1) = 0.3132617;  x=100,y=1: log(1+e^-100) ~ 0.
+  _close(bce(x, y), (0.6931472 + 2.1269280 + 0.3132617) / 4)
+  # Weights keep the first column only: (0.6931472 + 0.3132617) / 2.
+  w = np.array([[[1.0, 0.0], [1.0, 0.0]]], np.float32)
+  _close(bce(x, y, weights=w), (0.6931472 + 0.3132617) / 2)
+  # (B, H, W) weights broadcast over channels of (B, H, W, C) logits.
+  _close(bce(x[..., None], y[..., None], weights=w), (0.6931472 + 0.3132617) / 2)
+
+
+def test_bce_matches_sklearn_log_loss():
+  rng = np.random.default_rng(2)
+  x = rng.normal(scale=3, size=(2, 5, 5, 2))
+  y = (rng.uniform(size=x.shape) < 0.3).astype(np.float64)
+  ref = log_loss(y.ravel(), 1 / (1 + np.exp(-x.ravel())), labels=[0, 1])
+  _close(bce(x.astype(np.float32), y.astype(np.float32)), ref, 1e-5)
+
+
+def test_bce_gradient_is_sigmoid_minus_label_including_zero():
+  x = jnp.array([[[0.0, 0.0, 1.5, -2.0]]])
+  y = jnp.array([[[1.0, 0.3, 0.0, 1.0]]])
+  g = jax.jit(jax.grad(losses.bce_with_logits))(x, y)
+  _close(g, (jax.nn.sigmoid(x) - y) / 4)  # (0.5 - 0.3) / 4 at x=0: not (0 - 0.3) / 4
+
+
+def test_no_nan_for_extreme_logits():
+  x = jnp.array([[[[100.0], [-100.0]], [[100.0], [-100.0]]]])  # (1, 2, 2, 1)
+  y = jnp.array([[[[1.0], [1.0]], [[0.0], [0.0]]]])
+  value = bce(x, y)
+  # Elements: ~0, 100, 100, ~0 -> mean 50.
+  _close(value, 50.0, 1e-5)
+  g = jax.jit(jax.grad(losses.bce_with_logits))(x, y)
+  _close(g, (jnp.array([[[[1.0], [0.0]], [[1.0], [0.0]]]]) - y) / 4)
+  for tv_kind in losses.TV_KINDS:
+    fn = lambda z, k=tv_kind: total(z, y, tv_weight=1.0, dice_weight=1.0, tv_kind=k)[0]
+    val, grad = jax.jit(jax.value_and_grad(fn))(x)
+    assert np.isfinite(float(val)) and np.all(np.isfinite(grad))
+
+
+# ------------------------------------------------------------------------ Dice
+
+
+def test_soft_dice_hand_values():
+  p = np.array([[[0.5, 1.0], [0.0, 0.5]]], np.float32)
+  y = np.array([[[1.0, 1.0], [0.0, 0.0]]], np.float32)
+  # intersection 0.5 + 1 = 1.5; sum p = 2, sum y = 2.
+  _close(dice(p, y, smooth=1.0), 1 - (2 * 1.5 + 1) / (4 + 1))  # 0.2
+  _close(dice(p, y, smooth=0.0), 1 - 3 / 4)
+  # Weight 0 on the second row: p = (.5, 1), y = (1, 1): 1 - (2*1.5) / (1.5 + 2).
+  w = np.array([[[1.0, 1.0], [0.0, 0.0]]], np.float32)
+  _close(dice(p, y, weights=w, smooth=0.0), 1 - 3 / 3.5)
+  # Empty prediction and empty mask: loss 0 thanks to smooth.
+  assert float(dice(np.zeros((1, 2, 2)), np.zeros((1, 2, 2)))) == 0.0
+
+
+# -------------------------------------------------------------------- total_loss
+
+
+def _batch(seed=3, shape=(2, 6, 5, 2)):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(scale=2, size=shape).astype(np.float32)
+  labels = (rng.uniform(size=shape) < 0.4).astype(np.float32)
+  return jnp.asarray(logits), jnp.asarray(labels)
+
+
+def test_total_loss_composition_and_aux():
+  logits, labels = _batch()
+  loss, aux = total(logits, labels, tv_weight=0.3, dice_weight=0.5)
+  probs = jax.nn.sigmoid(logits)
+  _close(aux['bce'], bce(logits, labels))
+  _close(aux['tv'], aniso(probs, 'mean'))
+  _close(aux['dice'], dice(probs, labels))
+  _close(loss, aux['bce'] + 0.3 * aux['tv'] + 0.5 * aux['dice'])
+  # tv_weight=0 is the baseline: loss is the BCE alone.
+  base, _ = total(logits, labels, tv_weight=0.0)
+  _close(base, aux['bce'])
+  loss_iso, aux_iso = total(logits, labels, tv_weight=1.0, tv_kind='isotropic',
+                            tv_reduction='sum')
+  _close(aux_iso['tv'], iso(probs, 'sum'))
+  _close(loss_iso, aux_iso['bce'] + aux_iso['tv'])
+
+
+def test_total_loss_authors_channel_selection():
+  logits, labels = _batch()
+  _, aux = total(logits, labels, tv_weight=2.4e-7, tv_channels=(1,))
+  _close(aux['tv'], aniso(jax.nn.sigmoid(logits)[..., 1], 'mean'))
+  with pytest.raises(ValueError, match='tv_channels'):
+    total(logits, labels, tv_weight=1.0, tv_channels=(2,))
+
+
+def test_total_loss_jit_matches_eager():
+  logits, labels = _batch()
+  w = jnp.ones(logits.shape[:3]).at[:, -1].set(0)
+  fn = functools.partial(losses.total_loss, tv_weight=0.1, tv_reduction='sum', dice_weight=0.2)
+  eager = fn(logits, labels, weights=w)
+  jitted = jax.jit(fn)(logits, labels, weights=w)
+  jax.tree_util.tree_map(lambda a, b: _close(a, b, 1e-6), eager, jitted)
+  # A traced tv_weight (e.g. a schedule) is fine too.
+  traced = jax.jit(lambda lam: losses.total_loss(logits, labels, tv_weight=lam)[0])(0.1)
+  _close(traced, losses.total_loss(logits, labels, tv_weight=0.1)[0])
+
+
+def test_gradients_match_finite_differences_x64():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(4)
+    # Generic random values: no difference is exactly 0, so |.| is differentiable.
+    p = jnp.asarray(rng.uniform(size=(2, 5, 4, 2)))
+    w = jnp.asarray((rng.uniform(size=(2, 5, 4)) > 0.2).astype(np.float64))
+    logits = jnp.asarray(rng.normal(size=(2, 5, 4, 2)))
+    labels = jnp.asarray(rng.uniform(size=(2, 5, 4, 2)))
+    assert p.dtype == jnp.float64
+    # Jitted, and plain + weighted in one function: check_grads evaluates each
+    # function dozens of times and every compile costs.
+    for red in losses.REDUCTIONS:
+      for fn in (losses.anisotropic_tv, losses.isotropic_tv):
+        both = jax.jit(lambda q, f=fn, r=red: f(q, r) + 0.37 * f(q, r, weights=w))
+        check_grads(both, (p,), order=1, modes=['rev'])
+    check_grads(jax.jit(lambda z: losses.bce_with_logits(z, labels, weights=w)), (logits,),
+                order=2)
+    # BCE + TV + Dice together.
+    check_grads(
+        jax.jit(lambda z: losses.total_loss(z, labels, tv_weight=0.7, dice_weight=0.3,
+                                            weights=w)[0]),
+        (logits,), order=1, modes=['rev'])
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+  logits, labels = _batch()
+  loss16, _ = losses.total_loss(logits.astype(jnp.bfloat16), labels, tv_weight=0.5)
+  loss32, _ = losses.total_loss(logits.astype(jnp.bfloat16).astype(jnp.float32), labels,
+                                tv_weight=0.5)
+  assert loss16.dtype == jnp.float32
+  _close(loss16, loss32)
+
+
+def test_bad_inputs_raise_clear_errors():
+  p = np.zeros((1, 4, 4), np.float32)
+  with pytest.raises(ValueError, match='reduction'):
+    losses.anisotropic_tv(p, 'median')
+  with pytest.raises(ValueError, match=r'weights must have shape \(B, H, W\)'):
+    losses.anisotropic_tv(p, weights=np.ones((1, 4, 3)))
+  with pytest.raises(ValueError, match='probs must be'):
+    losses.anisotropic_tv(np.zeros((4, 4)))
+  with pytest.raises(ValueError, match='H and W must be >= 2'):
+    losses.isotropic_tv(np.zeros((1, 1, 4)))
+  with pytest.raises(ValueError, match='same shape'):
+    losses.bce_with_logits(np.zeros((1, 4, 4, 1)), np.zeros((1, 4, 4, 2)))
+  with pytest.raises(ValueError, match='tv_kind'):
+    losses.total_loss(np.zeros((1, 4, 4, 1)), np.zeros((1, 4, 4, 1)), tv_weight=1.0,
+                      tv_kind='l2')
