@@ -1,0 +1,496 @@
+r"""Evaluating trained runs: a checkpoint and a data split in, metrics JSON, tables and figures out.
+
+This module owns the offline evaluation of one or more training workdirs: restoring the chosen
+checkpoint (weights and input contract, through `predict.load_model`), one pass over the split at
+the network's resolution (the TFDS config the run trained on, e.g. 128x128) and one at native
+resolution (the `native` TFDS config: each slice resized to the network, its probabilities
+resized back bilinearly, compared with the full-resolution mask), and the outputs:
+
+  metrics.json   per run and resolution: the paper's per-threshold table (precision, recall,
+                 Dice, IoU, specificity, `paper_miou`, ...), class-mean IoU, average precision,
+                 the PR curve, per-volume Dice and the connectivity statistics
+  metrics.md     the same as markdown tables, all runs in one table
+  pr_curve.png   precision-recall curves of all runs (solid: network, dashed: native)
+  overlays.png   CT | ground truth | prediction of each run, on chosen slices
+
+  python -m tvunet_jax.evaluate --workdir runs/demo [--split test]
+  python -m tvunet_jax.evaluate --workdir runs/unet --workdir runs/tvunet --out runs/compare
+
+It never imports the training loop; the slice machinery (preprocessing, resizing, sharded
+batches) is `predict.py`'s, so evaluation and inference cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from tfds_builder import covid19_ct_seg
+from tvunet_jax import checkpointing
+from tvunet_jax import input_pipeline
+from tvunet_jax import metrics
+from tvunet_jax import nifti_io
+from tvunet_jax import predict
+from tvunet_jax import sharding
+from tvunet_jax import writers
+
+RESOLUTIONS = ("network", "native")
+NATIVE_CONFIG = "native"
+
+
+# ----------------------------------------------------------------------------- locating things
+
+
+def resolve_checkpoint(workdir: str, checkpoint: str | None) -> str:
+  """None: the best checkpoint, else the latest; 'best' / 'latest'; a step number; or a path."""
+  if checkpoint in (None, ""):
+    return workdir
+  if checkpoint == "best":
+    path = os.path.join(workdir, "best")
+  elif checkpoint == "latest":
+    path = os.path.join(workdir, "checkpoints")
+  elif checkpoint.isdigit():
+    candidates = [os.path.join(workdir, sub, checkpoint) for sub in ("checkpoints", "best")]
+    found = [c for c in candidates if os.path.isdir(os.path.join(c, "state"))]
+    if not found:
+      raise ValueError(f"{workdir}: no checkpoint at step {checkpoint} in checkpoints/ or best/")
+    path = found[0]
+  else:
+    path = checkpoint
+  try:
+    checkpointing.find_checkpoint(path)
+  except FileNotFoundError as e:
+    raise ValueError(str(e)) from None
+  return path
+
+
+def data_locations(workdir: str, manual_dir: str | None = None, data_dir: str | None = None
+                   ) -> tuple[str, str, str]:
+  """(manual_dir, data_dir, builder_config) of a run, from its config.json unless overridden."""
+  cfg: dict[str, Any] = {}
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      cfg = json.load(f).get("data", {})
+  elif not (manual_dir and data_dir):
+    raise ValueError(f"{path}: not found; pass --manual_dir and --data_dir")
+  # The same defaults as train.prepare_data.
+  manual = manual_dir or cfg.get("manual_dir") or os.path.join(workdir, "data", "medseg_phantom")
+  data = data_dir or cfg.get("data_dir") or os.path.join(workdir, "data", "tfds")
+  return manual, data, cfg.get("builder_config", "paper_128")
+
+
+def parse_slices(spec: str) -> list[tuple[str, int]]:
+  """'rp7:3,rp8:10' -> [('rp7', 3), ('rp8', 10)] (volume id, slice index)."""
+  out = []
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    vid, _, idx = item.rpartition(":")
+    if not vid or not idx.lstrip("-").isdigit():
+      raise ValueError(f"--overlay_slices: expected volume:slice, got {item!r}")
+    out.append((vid, int(idx)))
+  return out
+
+
+def choose_overlay_slices(source, target: str, k: int) -> list[tuple[str, int]]:
+  """The k slices with the most lesion, taken round-robin over volumes (largest first)."""
+  labels = input_pipeline.TARGETS[target]
+  by_volume: dict[str, list[tuple[float, int]]] = {}
+  for i in range(len(source)):
+    ex = source[i]
+    area = float(np.isin(ex["mask"], labels).sum())
+    by_volume.setdefault(ex["volume_id"].decode(), []).append((area, int(ex["slice_index"])))
+  queues = {v: sorted(s, key=lambda t: (-t[0], t[1])) for v, s in by_volume.items()}
+  order = sorted(queues, key=lambda v: (-queues[v][0][0], v))
+  picked: list[tuple[str, int]] = []
+  while len(picked) < k and any(queues.values()):
+    for v in order:
+      if queues[v] and len(picked) < k:
+        picked.append((v, queues[v].pop(0)[1]))
+  return picked
+
+
+# ----------------------------------------------------------------------------- passes
+
+
+def _accumulator(contract: dict) -> metrics.SegmentationAccumulator:
+  return metrics.SegmentationAccumulator(thresholds=metrics.PAPER_THRESHOLDS,
+                                         operating_threshold=float(contract["threshold"]))
+
+
+def evaluate_network(predictor: predict.SlicePredictor, contract: dict, source, *,
+                     overlay_keys: Sequence[tuple[str, int]] = (), progress: bool = False
+                     ) -> tuple[dict[str, Any], dict[tuple[str, int], tuple]]:
+  """One pass at the network's resolution over a split preprocessed as in training.
+
+  Args:
+    predictor: the batched, sharded model.
+    contract: the model's input contract.
+    source: a `tfds.data_source` of the run's builder config (slices of contract image_size).
+    overlay_keys: (volume_id, slice_index) of slices to keep for the overlay figure.
+
+  Returns:
+    (`SegmentationAccumulator.result()`, {key: (image (H, W), label (H, W), probs (H, W))}).
+  """
+  shape = tuple(np.shape(source[0]["image"]))
+  if shape != tuple(contract["image_size"]):
+    raise ValueError(f"data slices are {shape}, the model expects {contract['image_size']}; "
+                     "evaluate on the TFDS config the run was trained on")
+  acc = _accumulator(contract)
+  keep = set(overlay_keys)
+  kept: dict[tuple[str, int], tuple] = {}
+  batches = input_pipeline.eval_batches(
+      source, local_batch_size=predictor.batch_size, target=contract["target"],
+      intensity=contract["intensity"], sharding=None, process_index=0, process_count=1)
+  total = -(-len(source) // predictor.batch_size)
+  for batch, meta in tqdm.tqdm(batches, total=total, disable=not progress, desc="network",
+                               unit="batch", leave=False):
+    valid = meta["valid"]
+    images = batch["image"][valid, ..., 0]
+    labels = batch["label"][valid, ..., 0]
+    probs = predictor(images, progress=False)
+    names = meta["volume_id"][valid]
+    acc.update(probs, labels, volume_ids=names)
+    for j, key in enumerate(zip(names.tolist(), meta["slice_index"][valid].tolist())):
+      if key in keep:
+        kept[key] = (images[j], labels[j], probs[j])
+  return acc.result(), kept
+
+
+def evaluate_native(predictor: predict.SlicePredictor, contract: dict, source, *,
+                    progress: bool = False) -> dict[str, Any]:
+  """One pass at native resolution: slices resized to the network, probabilities resized back.
+
+  Args:
+    predictor: the batched, sharded model.
+    contract: the model's input contract.
+    source: a `tfds.data_source` of the `native` config (slices of any size, int16 HU).
+
+  Returns:
+    `SegmentationAccumulator.result()` over native pixels.
+  """
+  acc = _accumulator(contract)
+  n = len(source)
+  b = predictor.batch_size
+  for start in tqdm.trange(0, n, b, disable=not progress, desc="native", unit="batch",
+                           leave=False):
+    examples = [source[i] for i in range(start, min(start + b, n))]
+    x = np.concatenate([predict.network_inputs(ex["image"][None], contract) for ex in examples])
+    probs_net = predictor(x)
+    # Same-size slices go to the accumulator together (fewer, larger updates).
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, ex in enumerate(examples):
+      groups.setdefault(tuple(ex["image"].shape), []).append(j)
+    for shape, idx in groups.items():
+      probs = predict.resize_back(probs_net[idx], shape)
+      labels = np.stack([input_pipeline.preprocess(
+          examples[j], target=contract["target"], intensity=contract["intensity"]
+      )["label"][..., 0] for j in idx])
+      acc.update(probs, labels, volume_ids=[examples[j]["volume_id"].decode() for j in idx])
+  return acc.result()
+
+
+def evaluate_run(workdir: str, *, split: str = "test", checkpoint: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None, batch_size: int = 32,
+                 native: bool = True, overlay_keys: Sequence[tuple[str, int]] = (),
+                 manual_dir: str | None = None, data_dir: str | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+  """Restores a run's checkpoint and evaluates it on `split` at both resolutions.
+
+  Returns:
+    {'workdir', 'checkpoint' {'path', 'step'}, 'contract', 'data', 'network' (result),
+    'native' (result or None), 'overlays' {key: (image, label, probs)}}.
+  """
+  workdir = os.path.abspath(workdir)
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  path = resolve_checkpoint(workdir, checkpoint)
+  ckpt_dir, step = checkpointing.find_checkpoint(path)
+  model, variables, contract = predict.load_model(path, mesh)
+  manual, data, config_name = data_locations(workdir, manual_dir, data_dir)
+  predictor = predict.SlicePredictor(model, variables, mesh=mesh, batch_size=batch_size)
+  try:
+    source = input_pipeline.load_split(data, config_name, split)
+  except Exception as e:  # TFDS raises several types for a missing build or split
+    raise ValueError(f"{data}: cannot read split {split!r} of {covid19_ct_seg.NAME}/"
+                     f"{config_name} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                     ) from None
+  try:
+    network, overlays = evaluate_network(predictor, contract, source, overlay_keys=overlay_keys,
+                                         progress=progress)
+  except ValueError as e:
+    raise ValueError(f"{data}/{covid19_ct_seg.NAME}/{config_name} ({split}): {e}") from None
+  native_result = None
+  if native:
+    try:
+      covid19_ct_seg.build(manual, data, NATIVE_CONFIG)
+    except nifti_io.VolumeError as e:
+      raise ValueError(f"{e} (native resolution needs the raw files; pass --no_native to skip)"
+                       ) from None
+    native_result = evaluate_native(
+        predictor, contract, input_pipeline.load_split(data, NATIVE_CONFIG, split),
+        progress=progress)
+  return {"workdir": workdir, "checkpoint": {"path": os.path.join(ckpt_dir, str(step)),
+                                             "step": step},
+          "contract": contract,
+          "data": {"manual_dir": manual, "data_dir": data, "builder_config": config_name,
+                   "split": split},
+          "network": network, "native": native_result, "overlays": overlays}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return "n/a"
+  return f"{v:.{digits}f}"
+
+
+def markdown_report(runs: dict[str, dict], split: str) -> str:
+  """All runs in one set of markdown tables (summary, per threshold, connectivity, volumes)."""
+  out = [f"# Evaluation on split `{split}`", ""]
+  for name, r in runs.items():
+    c = r["contract"]
+    out.append(f"- **{name}**: `{r['checkpoint']['path']}` (step {r['checkpoint']['step']}), "
+               f"target {c['target']}, intensity {c['intensity']}, network "
+               f"{c['image_size'][0]}x{c['image_size'][1]}, operating threshold {c['threshold']}")
+  out += ["", "`paper_miou` is the authors' smoothed per-pixel score (>= 0.98 for any "
+          "prediction), not an IoU; read `iou` and `class_mean_iou`.", "",
+          "## Summary at the operating threshold", "",
+          "| run | resolution | Dice | IoU | class-mean IoU | precision | recall | specificity | "
+          "AP | mean volume Dice | paper_miou |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for name, r in runs.items():
+    for res in RESOLUTIONS:
+      m = r.get(res)
+      if m is None:
+        continue
+      op = m["operating"]
+      out.append(f"| {name} | {res} | {_fmt(op['dice'])} | {_fmt(op['iou'])} | "
+                 f"{_fmt(op['class_mean_iou'])} | {_fmt(op['precision'])} | "
+                 f"{_fmt(op['recall'])} | {_fmt(op['specificity'])} | "
+                 f"{_fmt(m['average_precision'])} | {_fmt(m['mean_volume_dice'])} | "
+                 f"{_fmt(op['paper_miou'])} |")
+  out += ["", "## The paper's table (per threshold)", "",
+          "| run | resolution | threshold | precision | recall | Dice | IoU | specificity | "
+          "class-mean IoU | paper_miou |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for name, r in runs.items():
+    for res in RESOLUTIONS:
+      m = r.get(res)
+      if m is None:
+        continue
+      for i, t in enumerate(m["threshold"]):
+        out.append(f"| {name} | {res} | {t:.1f} | {_fmt(m['precision'][i])} | "
+                   f"{_fmt(m['recall'][i])} | {_fmt(m['dice'][i])} | {_fmt(m['iou'][i])} | "
+                   f"{_fmt(m['specificity'][i])} | {_fmt(m['class_mean_iou'][i])} | "
+                   f"{_fmt(m['paper_miou'][i])} |")
+  out += ["", "## Connectivity (per slice, 8-connected, at the operating threshold)", "",
+          "| run | resolution | slices | predicted components | true components | "
+          "count MAE | isolated FP / slice | isolated FP fraction | missed lesions |",
+          "|---|---|---|---|---|---|---|---|---|"]
+  for name, r in runs.items():
+    for res in RESOLUTIONS:
+      m = r.get(res)
+      if m is None:
+        continue
+      cc = m["connectivity"]
+      out.append(f"| {name} | {res} | {cc['num_slices']} | {_fmt(cc['mean_pred_components'], 2)}"
+                 f" | {_fmt(cc['mean_true_components'], 2)} | "
+                 f"{_fmt(cc['component_count_mae'], 2)} | "
+                 f"{_fmt(cc['isolated_fp_components_per_slice'], 2)} | "
+                 f"{_fmt(cc['isolated_fp_fraction'], 3)} | "
+                 f"{_fmt(cc['missed_lesion_fraction'], 3)} |")
+  out += ["", "## Per-volume Dice (operating threshold)", "",
+          "| run | resolution | volume | slices | Dice |", "|---|---|---|---|---|"]
+  for name, r in runs.items():
+    for res in RESOLUTIONS:
+      m = r.get(res)
+      if m is None:
+        continue
+      pv = m["per_volume"]
+      for vid, ns, d in zip(pv["volume_id"], pv["num_slices"], pv["dice"]):
+        out.append(f"| {name} | {res} | {vid} | {int(ns)} | {_fmt(float(d))} |")
+  return "\n".join(out) + "\n"
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def plot_pr_curves(runs: dict[str, dict], path: str) -> None:
+  """Precision-recall curves of every run and resolution in one PNG."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(5.5, 5))
+  ax = fig.add_subplot(1, 1, 1)
+  for k, (name, r) in enumerate(runs.items()):
+    color = f"C{k}"
+    for res, style in zip(RESOLUTIONS, ("-", "--")):
+      m = r.get(res)
+      if m is None:
+        continue
+      pr = m["pr_curve"]
+      ax.plot(pr["recall"], pr["precision"], style, color=color,
+              label=f"{name} {res} (AP {_fmt(m['average_precision'], 3)})")
+  ax.set_xlabel("recall")
+  ax.set_ylabel("precision")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower left")
+  ax.set_title("Precision-recall (pixels)")
+  predict.save_figure_atomic(fig, path)
+
+
+def plot_overlays(runs: dict[str, dict], keys: Sequence[tuple[str, int]], path: str) -> None:
+  """Rows = slices; columns = CT (lung window) | ground truth (green) | each run (red)."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  first = next(iter(runs.values()))
+  keys = [k for k in keys if all(k in r["overlays"] for r in runs.values())]
+  if not keys:
+    return
+  cols = 2 + len(runs)
+  fig = Figure(figsize=(2.6 * cols, 2.7 * len(keys)))
+  for i, key in enumerate(keys):
+    image, label, _ = first["overlays"][key]
+    panels = []
+    for r in runs.values():
+      _, _, probs = r["overlays"][key]
+      thr = float(r["contract"]["threshold"])
+      # (H, 3W, 3): CT | truth | prediction; the prediction column differs per run.
+      panels.append(writers.overlay_panels(image[None], label[None], probs[None], thr))
+    w = image.shape[1]
+    columns = [panels[0][:, :w], panels[0][:, w:2 * w]] + [p[:, 2 * w:] for p in panels]
+    titles = ["CT", "ground truth"] + list(runs)
+    for j, (panel, title) in enumerate(zip(columns, titles)):
+      ax = fig.add_subplot(len(keys), cols, i * cols + j + 1)
+      ax.imshow(panel)
+      ax.set_axis_off()
+      ax.set_title(f"{title}" + (f"\n{key[0]} slice {key[1]}" if j == 0 else ""), fontsize=8)
+  predict.save_figure_atomic(fig, path)
+
+
+def write_outputs(runs: dict[str, dict], split: str, out_dir: str,
+                  overlay_keys: Sequence[tuple[str, int]]) -> dict[str, str]:
+  """metrics.json, metrics.md, pr_curve.png, overlays.png into `out_dir`; returns the paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {k: os.path.join(out_dir, f) for k, f in (
+      ("json", "metrics.json"), ("markdown", "metrics.md"), ("pr_curve", "pr_curve.png"),
+      ("overlays", "overlays.png"))}
+  payload = {"split": split, "versions": checkpointing.library_versions(),
+             "overlay_slices": [list(k) for k in overlay_keys],
+             "run_order": list(runs),  # the JSON writer sorts keys
+             "runs": {name: {k: v for k, v in r.items() if k != "overlays"}
+                      for name, r in runs.items()}}
+  checkpointing.write_json_atomic(paths["json"], metrics.to_jsonable(payload))
+  _write_text_atomic(paths["markdown"], markdown_report(runs, split))
+  plot_pr_curves(runs, paths["pr_curve"])
+  plot_overlays(runs, overlay_keys, paths["overlays"])
+  return paths
+
+
+def run_names(workdirs: Sequence[str]) -> list[str]:
+  """Basenames of the workdirs, made unique with a suffix."""
+  names: list[str] = []
+  for w in workdirs:
+    base = os.path.basename(os.path.normpath(w)) or "run"
+    name, k = base, 2
+    while name in names:
+      name, k = f"{base}_{k}", k + 1
+    names.append(name)
+  return names
+
+
+def evaluate_workdirs(workdirs: Sequence[str], *, split: str = "test",
+                      checkpoint: str | None = None, out_dir: str | None = None,
+                      native: bool = True, overlay_slices: Sequence[tuple[str, int]] | None = None,
+                      num_overlays: int = 4, batch_size: int = 32, num_devices: int = -1,
+                      manual_dir: str | None = None, data_dir: str | None = None,
+                      progress: bool = False) -> dict[str, Any]:
+  """Evaluates every workdir on `split` and writes one set of outputs comparing them.
+
+  Returns:
+    {'runs': {name: evaluate_run(...) result}, 'paths': the written files}.
+  """
+  if not workdirs:
+    raise ValueError("give at least one --workdir")
+  mesh = sharding.make_mesh(num_devices)
+  first = os.path.abspath(workdirs[0])
+  if out_dir is None:
+    out_dir = os.path.join(first, "eval", split if len(workdirs) == 1 else f"{split}_compare")
+  keys = list(overlay_slices) if overlay_slices else None
+  if keys is None and num_overlays > 0:
+    _, data, config_name = data_locations(first, manual_dir, data_dir)
+    try:
+      src = input_pipeline.load_split(data, config_name, split)
+      target = checkpointing.read_contract(resolve_checkpoint(first, checkpoint))["target"]
+      keys = choose_overlay_slices(src, target, num_overlays)
+    except Exception:  # pylint: disable=broad-except
+      keys = []  # evaluate_run reports the real problem with a clear message
+  keys = keys or []
+  runs = {}
+  for name, w in zip(run_names(workdirs), workdirs):
+    runs[name] = evaluate_run(w, split=split, checkpoint=checkpoint, mesh=mesh,
+                              batch_size=batch_size, native=native, overlay_keys=keys,
+                              manual_dir=manual_dir, data_dir=data_dir, progress=progress)
+  paths = write_outputs(runs, split, out_dir, keys)
+  return {"runs": runs, "paths": paths}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line; returns the exit code (0 ok, 2 on a bad workdir, checkpoint or data)."""
+  ap = argparse.ArgumentParser(prog="python -m tvunet_jax.evaluate",
+                               description="Evaluate trained runs on a data split.")
+  ap.add_argument("--workdir", action="append", required=True,
+                  help="training workdir; repeat to compare runs side by side")
+  ap.add_argument("--split", default="test", help="train, validation or test")
+  ap.add_argument("--checkpoint", default=None,
+                  help="best (default, else latest), latest, a step number, or a path")
+  ap.add_argument("--out", default=None, help="default <first workdir>/eval/<split>[_compare]")
+  ap.add_argument("--no_native", action="store_true", help="skip the native-resolution pass")
+  ap.add_argument("--overlay_slices", default="",
+                  help="volume:slice list, e.g. rp7:3,rp8:10 (default: largest lesions)")
+  ap.add_argument("--num_overlays", type=int, default=4)
+  ap.add_argument("--batch_size", type=int, default=32)
+  ap.add_argument("--num_devices", type=int, default=-1)
+  ap.add_argument("--manual_dir", default=None, help="override the run's raw-data folder")
+  ap.add_argument("--data_dir", default=None, help="override the run's TFDS folder")
+  ap.add_argument("--no_progress", action="store_true")
+  args = ap.parse_args(argv)
+  try:
+    result = evaluate_workdirs(
+        args.workdir, split=args.split, checkpoint=args.checkpoint, out_dir=args.out,
+        native=not args.no_native, overlay_slices=parse_slices(args.overlay_slices) or None,
+        num_overlays=args.num_overlays, batch_size=args.batch_size, num_devices=args.num_devices,
+        manual_dir=args.manual_dir, data_dir=args.data_dir, progress=not args.no_progress)
+  except (ValueError, nifti_io.VolumeError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for name, r in result["runs"].items():
+    for res in RESOLUTIONS:
+      m = r[res]
+      if m is not None:
+        op = m["operating"]
+        print(f"{name} {res}: dice {_fmt(op['dice'])} iou {_fmt(op['iou'])} "
+              f"AP {_fmt(m['average_precision'])} mean volume dice "
+              f"{_fmt(m['mean_volume_dice'])}")
+  print(f"wrote {', '.join(result['paths'].values())}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
