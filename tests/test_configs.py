@@ -43,4 +43,5 @@ def test_paper_protocol_values():
       5, 0.1, 1e-5)
   assert p.train.early_stop_patience == 30 and p.train.best_metric == "eval/loss"
   assert p.data.intensity == "raw_hu" and not p.data.augment.flip
+  assert (p.loss.tv_weight, p.loss.tv_reduction, p.loss.dice_weight) == (2.4e-7, "mean", 0.0)
   assert unet_baseline.get_config().loss.tv_weight == 0.0

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from tvunet_jax import models
+from tvunet_jax import nifti_io
 
 CONTRACT_FILE = "model_contract.json"
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
@@ -128,7 +129,7 @@ def build_model(model_cfg: dict) -> models.UNet:
   return models.UNet(base=model_cfg["base"], depth=model_cfg["depth"],
                      dropout=model_cfg["dropout"], num_outputs=model_cfg["num_outputs"],
                      dtype=jnp.dtype(model_cfg["dtype"]), upsample=model_cfg["upsample"],
-                     pool=model_cfg["pool"])
+                     pool=model_cfg["pool"], bn_momentum=model_cfg.get("bn_momentum", 0.99))
 
 
 def load_for_inference(path: str, sharding: jax.sharding.Sharding | None = None
@@ -162,11 +163,7 @@ def library_versions() -> dict[str, str]:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
+  nifti_io.write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_run_info(workdir: str, config_json: dict, contract: dict) -> None:

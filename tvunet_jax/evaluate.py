@@ -321,16 +321,6 @@ def markdown_report(runs: dict[str, dict], split: str) -> str:
   return "\n".join(out) + "\n"
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
 
 def plot_pr_curves(runs: dict[str, dict], path: str) -> None:
   """Precision-recall curves of every run and resolution in one PNG."""
@@ -397,7 +387,7 @@ def write_outputs(runs: dict[str, dict], split: str, out_dir: str,
              "runs": {name: {k: v for k, v in r.items() if k != "overlays"}
                       for name, r in runs.items()}}
   checkpointing.write_json_atomic(paths["json"], metrics.to_jsonable(payload))
-  _write_text_atomic(paths["markdown"], markdown_report(runs, split))
+  nifti_io.write_text_atomic(paths["markdown"], markdown_report(runs, split))
   plot_pr_curves(runs, paths["pr_curve"])
   plot_overlays(runs, overlay_keys, paths["overlays"])
   return paths

@@ -40,6 +40,8 @@ def _cluster_from_env() -> bool:
 
 def main(argv):
   del argv
+  # Orbax logs every save and manager option at INFO; keep the console for the run itself.
+  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
   explicit = _COORDINATOR.value is not None or (_NUM_PROCESSES.value or 1) > 1
   if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and
                                     (explicit or _cluster_from_env())):

@@ -185,6 +185,7 @@ class ConvBlock(nn.Module):
   """Two [3x3 conv 'SAME' with bias -> BatchNorm -> ReLU], Keras `conv2d_block`."""
 
   features: int
+  bn_momentum: float = 0.99
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -197,7 +198,7 @@ class ConvBlock(nn.Module):
           kernel_init=he_normal, bias_init=zeros,
           dtype=self.dtype, param_dtype=self.param_dtype, name=f'conv_{i}')(x)
       x = nn.BatchNorm(
-          use_running_average=not train, momentum=0.99, epsilon=1e-3,
+          use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-3,
           dtype=self.dtype, param_dtype=self.param_dtype, name=f'bn_{i}')(x)
       x = nn.relu(x)
     return x
@@ -216,6 +217,9 @@ class UNet(nn.Module):
     param_dtype: parameter dtype (keep float32).
     upsample: 'subpixel' or 'conv_transpose'; same parameters and numbers.
     pool: 'reshape' or 'max_pool'; same numbers.
+    bn_momentum: BatchNorm running-average decay (Keras 0.99). The running statistics
+      reach their data values only after ~3 / (1 - momentum) steps; a run of a few hundred
+      steps needs a lower value (0.9) or its eval-mode outputs use half-initial statistics.
 
   Parameter tree: `down_{l}` (l = 0..depth-1), `bottleneck`, then per level
   l = depth-1..0 `upsample_{l}` ('kernel', 'bias') and `up_{l}`, then `head`.
@@ -230,6 +234,7 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   upsample: str = 'subpixel'
   pool: str = 'reshape'
+  bn_momentum: float = 0.99
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -249,14 +254,15 @@ class UNet(nn.Module):
     """
     self._check(x)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    bn = dict(bn_momentum=self.bn_momentum)
     drop = nn.Dropout(self.dropout, deterministic=not train)
 
     skips = []
     for level in range(self.depth):
-      x = ConvBlock(self.base * 2**level, name=f'down_{level}', **kw)(x, train=train)
+      x = ConvBlock(self.base * 2**level, name=f'down_{level}', **bn, **kw)(x, train=train)
       skips.append(x)
       x = drop(pool_2x2(x, self.pool))
-    x = ConvBlock(self.base * 2**self.depth, name='bottleneck', **kw)(x, train=train)
+    x = ConvBlock(self.base * 2**self.depth, name='bottleneck', **bn, **kw)(x, train=train)
 
     up_cls = SubpixelConvTranspose if self.upsample == 'subpixel' else _FlaxConvTranspose
     for level in reversed(range(self.depth)):
@@ -264,7 +270,7 @@ class UNet(nn.Module):
       x = up_cls(width, name=f'upsample_{level}', **kw)(x)
       # Keras order [upsampled, skip]: matters only for importing Keras weights.
       x = drop(jnp.concatenate([x, skips[level]], axis=-1))
-      x = ConvBlock(width, name=f'up_{level}', **kw)(x, train=train)
+      x = ConvBlock(width, name=f'up_{level}', **bn, **kw)(x, train=train)
 
     logits = nn.Conv(
         self.num_outputs, (1, 1), kernel_init=glorot_uniform, bias_init=zeros,

@@ -1,6 +1,7 @@
 """NIfTI volumes in and out: validated reads and atomic writes.
 
-This module owns the file boundary for CT volumes, including MedSeg's storage orientation. Every reader in the project (the TFDS builder,
+This module owns the file boundary for CT volumes, including MedSeg's storage orientation, and the
+atomic write used for every small text output (JSON reports, markdown tables). Every reader in the project (the TFDS builder,
 inference) goes through `load_volume`, so a missing, truncated, non-NIfTI, non-3D or non-finite file
 stops with one `VolumeError` line naming the file and the problem. Every writer goes through
 `save_volume`, which writes to a temporary name beside the target and renames it, so a crash never
@@ -126,3 +127,17 @@ def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` through a temporary file in the same folder and a rename."""
+  path = os.fspath(path)
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                     f".tmp-{os.getpid()}-{os.path.basename(path)}")
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -54,7 +54,7 @@ TR_IMAGE, TR_MASK, TR_LUNG = nifti_io.TR_IMAGE, nifti_io.TR_MASK, nifti_io.TR_LU
 RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = (nifti_io.RP_IMAGE_DIR, nifti_io.RP_MASK_DIR,
                                           nifti_io.RP_LUNG_DIR)
 PROVENANCE = "phantom.json"
-GENERATOR_VERSION = 1  # bump when the same seed would produce different arrays
+GENERATOR_VERSION = 2  # bump when the same seed would produce different arrays
 
 # CT numbers are clipped to what a 12-bit scanner stores.
 HU_MIN, HU_MAX = -1024.0, 3071.0
@@ -704,7 +704,8 @@ def _plan_lesions(rng: np.random.Generator, lung: np.ndarray, x_ax: np.ndarray,
     cons = bool(rng.random() < p_cons)
     for j in range(int(rng.integers(1, 5))):
       off = np.zeros(3) if j == 0 else rng.normal(0, [9.0, 9.0, 5.0])
-      sx, sy = sorted(rng.uniform(5, 20, 2), reverse=True)
+      # Patches of 1-5 cm across (2 sigma 16-50 mm), the size of typical COVID-19 opacities.
+      sx, sy = sorted(rng.uniform(8, 25, 2), reverse=True)
       blobs.append(_Blob(np.array([cx, cy, cz]) + off, np.array([sx, sy, rng.uniform(6, 15)]),
                          float(rng.uniform(0, np.pi)), float(rng.uniform(0.8, 1.3)), cons))
   return blobs
@@ -878,7 +879,7 @@ def _simulate_slice(rng: np.random.Generator, size: int, *, lesion: bool | None 
   top = float(z[0] + rng.uniform(15, 60)) if fluid else None
   for _ in range(8):
     ph = _render(p, rng, size, fov_mm, z, slice_thickness, np.array([0]) if want else None,
-                 int(rng.integers(1, 4)), top)
+                 int(rng.integers(2, 5)), top)
     # A lesion slice must show ground glass or consolidation, not only fluid.
     if not want or np.isin(ph.labels, (GROUND_GLASS, CONSOLIDATION)).any():
       return _to_display(ph, squeeze=True)
@@ -991,16 +992,6 @@ def affine_for(size: int, fov_mm: float, slice_thickness: float, z0_mm: float = 
                    [0, 0, slice_thickness, z0_mm + 0.5 * slice_thickness],
                    [0, 0, 0, 1]], np.float64)
 
-
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-  try:
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _remove_stale(out: str, tr_slices: int, rp_volumes: int) -> None:
@@ -1120,7 +1111,7 @@ def write_medseg_phantom(out_dir: str | os.PathLike, *, tr_slices: int = 100, tr
 
   summary["lesion_free_fraction"] = _lesion_free_fraction(summary["files"].values())
   summary["seconds"] = round(time.perf_counter() - t_start, 2)
-  _atomic_write_text(os.path.join(out, PROVENANCE), json.dumps(summary, indent=1) + "\n")
+  nifti_io.write_text_atomic(os.path.join(out, PROVENANCE), json.dumps(summary, indent=1) + "\n")
   return summary
 
 

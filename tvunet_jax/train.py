@@ -410,6 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     result.pop("overlays")
     final.update({f"test/{k}": v for k, v in
                   metrics.summary_scalars(result, threshold=config.eval.threshold).items()})
+    # What a constant prediction scores: all-lesion gives Dice 2P / (P + N), all-background 0.
+    positives = float(result["tp"][0] + result["fn"][0])
+    final["test/dice_constant_baseline"] = 2 * positives / (positives + float(result["num_pixels"]))
     if jax.process_index() == 0:
       checkpointing.write_json_atomic(os.path.join(workdir, "test_metrics.json"),
                                       metrics.to_jsonable(result))

@@ -23,8 +23,10 @@ def get_config():
   c.data.augment.shift_px = 0.0
   c.data.augment.hu_jitter = 0.0
   c.model.base = 64
+  c.model.bn_momentum = 0.99  # Keras' default, as the authors
   c.loss.tv_weight = 2.4e-7
   c.loss.tv_reduction = "mean"
+  c.loss.dice_weight = 0.0  # the authors' loss is BCE + TV only
   c.train.global_batch_size = 32
   c.train.num_epochs = 200
   c.train.plateau_patience = 5

@@ -14,6 +14,7 @@ def get_config():
   c = default.get_config()
   c.unlock()
   c.model.base = 64
+  c.model.bn_momentum = 0.99  # Keras' default, as the authors
   c.model.dtype = "bfloat16"
   c.model.upsample = "conv_transpose"  # the CPU-specific rewrite buys nothing on TPU
   c.model.pool = "max_pool"

@@ -1,0 +1,877 @@
+r"""Speed of TV-UNet on this machine: train step vs PyTorch, FLOP utilisation, data and inference.
+
+  python -m experiments.benchmark [--quick] [--out experiments/results/benchmark.json]
+
+One command writes one JSON file (and a markdown table beside it, same name with `.md`) holding the
+environment (commit, library versions, CPU model, ISA flags, cores, device kind, load average) and,
+each as the median of repeated timed runs after warm-up, every run synchronised
+(`jax.block_until_ready`; PyTorch on CPU is synchronous):
+
+  * train-step throughput (images/s) and compile time of `tvunet_jax.train.train_step`, jitted
+    exactly as `train.py` does it (one device, state donated), on random data, for the paper model
+    (experiments/configs/paper_split1.py: base 64) and the demo model (configs/default.py) at two
+    batch sizes, 128x128, float32;
+  * the same network, loss (BCE + TV) and optimizer in PyTorch (`experiments/torch_unet.py`,
+    channels_last, all cores; the optional `bench` extra) measured in the same run, and the ratio
+    JAX / PyTorch;
+  * achieved FLOP/s over the measured peak of this machine (a 4096x4096 float32 matmul, in JAX and
+    in PyTorch; the larger is the peak): model FLOP utilisation. The FLOP count of a step is XLA's
+    `compiled.cost_analysis()`; the analytic count of the network's convolutions (3 x forward) is
+    recorded beside it;
+  * the TV term's share of the step time (its forward + backward jitted alone on the step's
+    logits), the input pipeline's slices/s on one core (`num_threads=1`, pinned to one CPU),
+    inference slices/s on a 512x512 phantom volume (`predict.segment_volume`, end to end and
+    network only) and the peak resident memory of each process;
+  * in full mode, every JAX number twice: with XLA's defaults and with
+    `--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce` (see STACK.md). XLA reads
+    its flags once, at start, so each variant runs in a child process of this command.
+
+`--quick` (CI smoke test, < 2 minutes on 2 cores): demo model, batch 4, 1 warm-up + 3 timed steps,
+default XLA flags, a 128x128x4 volume. The full run (paper + demo, batch 8 and 16, 2 warm-up + 6
+timed steps, both XLA variants, a 512x512x24 volume) takes about 15 minutes on 2 cores; the JSON
+records the duration.
+
+Loss in both frameworks: mean BCE + tv_weight * anisotropic TV ('mean' reduction) of the sigmoid,
+tv_weight from the model's config, no Dice term (the PyTorch peer has none). Timings mean nothing
+across machines; a ratio measured in one run on one machine, with the CPU recorded, does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments.configs import default as default_config
+from experiments.configs import paper_split1 as paper_config
+from tvunet_jax import losses
+from tvunet_jax import nifti_io
+from tvunet_jax import phantom
+from tvunet_jax import predict
+from tvunet_jax import sharding
+from tvunet_jax import train
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join("experiments", "results", "benchmark.json")
+DEFAULT_QUICK_OUT = os.path.join("experiments", "results", "benchmark_quick.json")
+SCHEMA_VERSION = 1
+
+MODEL_CONFIGS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
+    "paper": paper_config.get_config,
+    "demo": default_config.get_config,
+}
+# XLA_FLAGS per variant; see STACK.md, "Speed of a U-Net train step".
+XLA_VARIANTS = {
+    "default": "",
+    "ynn": "--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce",
+}
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+             "amx_int8")
+DTYPES = ("float32", "bfloat16")
+# Fields every record has; tests/test_benchmark.py holds the format to them.
+RECORD_FIELDS = ("model", "dtype", "batch", "conv_backend", "xla_variant", "xla_flags",
+                 "jax_img_s", "torch_img_s", "ratio", "cpu_model", "isa_flags")
+IMAGE_SIZE = 128
+MODEL_FLOPS_NOTE = "3 x forward FLOPs of every convolution (bias, BN, ReLU, pool, loss excluded)"
+
+
+# ============================================================================ the plan
+
+
+@dataclasses.dataclass
+class Plan:
+  """What one run measures; written to JSON for the child processes."""
+  mode: str  # "quick" or "full"
+  models: list[str]
+  batches: list[int]
+  dtypes: list[str]
+  variants: list[str]
+  warmup: int  # untimed train steps after compilation
+  steps: int  # timed train steps
+  torch: bool
+  matmul_n: int = 4096
+  matmul_reps: int = 3
+  volume_size: int = 512
+  volume_slices: int = 24
+  infer_batch: int = 8
+  infer_reps: int = 3
+  pipeline_tr_slices: int = 64
+  pipeline_batch: int = 8
+  pipeline_batches: int = 25
+  volume_path: str = ""  # filled in by the parent before the children start
+
+
+def make_plan(quick: bool, *, models: Sequence[str] | None = None,
+              batches: Sequence[int] | None = None, dtypes: Sequence[str] | None = None,
+              variants: Sequence[str] | None = None, steps: int | None = None,
+              warmup: int | None = None, torch: bool = True) -> Plan:
+  """The quick (CI) or full plan, with optional overrides; raises ValueError on unknown names."""
+  if quick:
+    plan = Plan(mode="quick", models=["demo"], batches=[4], dtypes=["float32"],
+                variants=["default"], warmup=1, steps=3, torch=torch, matmul_reps=2,
+                volume_size=128, volume_slices=4, infer_batch=4, infer_reps=1,
+                pipeline_tr_slices=16, pipeline_batch=4, pipeline_batches=5)
+  else:
+    plan = Plan(mode="full", models=["paper", "demo"], batches=[8, 16], dtypes=["float32"],
+                variants=list(XLA_VARIANTS), warmup=2, steps=6, torch=torch)
+  for name, value in (("models", models), ("batches", batches), ("dtypes", dtypes),
+                      ("variants", variants)):
+    if value:
+      setattr(plan, name, list(value))
+  plan.steps = plan.steps if steps is None else steps
+  plan.warmup = plan.warmup if warmup is None else warmup
+  _check_plan(plan)
+  return plan
+
+
+def _check_plan(plan: Plan) -> None:
+  for name, allowed in (("models", MODEL_CONFIGS), ("dtypes", DTYPES), ("variants", XLA_VARIANTS)):
+    bad = [v for v in getattr(plan, name) if v not in allowed]
+    if bad:
+      raise ValueError(f"benchmark: unknown {name} {bad}; choose from {sorted(allowed)}")
+  if any(b < 1 for b in plan.batches) or plan.steps < 1 or plan.warmup < 0:
+    raise ValueError(f"benchmark: batches and steps must be >= 1 and warmup >= 0, got "
+                     f"batches={plan.batches}, steps={plan.steps}, warmup={plan.warmup}")
+
+
+# ============================================================================ environment
+
+
+def cpu_info(cpuinfo_text: str | None = None) -> dict[str, Any]:
+  """CPU model, core count and ISA flags of this machine (from /proc/cpuinfo on Linux).
+
+  Returns:
+    {"cpu_model": str, "cores": int (usable by this process), "isa_flags": {flag: bool}} for the
+    flags in `ISA_FLAGS`.
+  """
+  if cpuinfo_text is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo_text = f.read()
+    except OSError:
+      cpuinfo_text = ""
+  model, flags = "", set()
+  for line in cpuinfo_text.splitlines():
+    key, _, value = line.partition(":")
+    key = key.strip()
+    if key == "model name" and not model:
+      model = value.strip()
+    elif key == "flags" and not flags:
+      flags = set(value.split())
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {"cpu_model": model or platform.processor() or "unknown", "cores": cores,
+          "isa_flags": {f: f in flags for f in ISA_FLAGS}}
+
+
+def _git(*args: str) -> str:
+  try:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=30, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ""
+
+
+def environment() -> dict[str, Any]:
+  """Commit, versions, CPU and load of this machine (no JAX backend is started here)."""
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "grain", "tensorflow-datasets",
+              "torch"):
+    try:
+      versions[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      versions[pkg] = None
+  return {
+      "commit": _git("rev-parse", "HEAD") or "unknown",
+      # Tracked files with uncommitted changes: the numbers may not belong to `commit` alone.
+      "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+      "versions": versions,
+      **cpu_info(),
+      "load_avg_start": list(os.getloadavg()),
+  }
+
+
+def peak_rss_mb() -> float:
+  """Peak resident memory of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _log(msg: str) -> None:
+  print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _median(xs: Sequence[float]) -> float:
+  return float(statistics.median(xs))
+
+
+def _timed(fn: Callable[[], Any], warmup: int, reps: int) -> list[float]:
+  """Seconds of `reps` calls of `fn` (which must synchronise) after `warmup` untimed calls."""
+  for _ in range(warmup):
+    fn()
+  out = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+# ============================================================================ FLOPs
+
+
+def unet_forward_flops(params: Mapping[str, Any], image_hw: tuple[int, int], depth: int) -> int:
+  """FLOPs (2 per multiply-add) of the convolutions of one image's forward pass through a UNet.
+
+  Derived from the parameter tree of `tvunet_jax.models.UNet` (names `down_l`, `bottleneck`,
+  `upsample_l`, `up_l`, `head`, each holding 'kernel' leaves (kh, kw, Cin, Cout)) and the level
+  each module works at: a conv at resolution (h, w) costs 2 h w kh kw Cin Cout; the stride-2
+  transposed conv `upsample_l` costs the same per *input* pixel (each input pixel meets all 9
+  taps once), its input being at level l + 1. Border effects of 'SAME' padding are ignored, as
+  usual for model FLOPs; the sub-pixel implementation's zero taps are not counted.
+
+  Args:
+    params: the 'params' tree (arrays or `jax.ShapeDtypeStruct`s).
+    image_hw: input (H, W).
+    depth: the model's number of down-samplings.
+
+  Returns:
+    Forward FLOPs per image (int). A train step costs about 3x this per image (forward, input
+    gradient, weight gradient).
+  """
+  h, w = image_hw
+  total = 0
+  for name, module in params.items():
+    if name.startswith("down_") or name.startswith("up_"):
+      level = int(name.split("_")[1])
+    elif name.startswith("upsample_"):
+      level = int(name.split("_")[1]) + 1
+    elif name == "bottleneck":
+      level = depth
+    elif name == "head":
+      level = 0
+    else:
+      raise ValueError(f"unet_forward_flops: unknown module {name!r} in the parameter tree")
+    pixels = (h // 2**level) * (w // 2**level)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(module)[0]:
+      if getattr(path[-1], "key", None) == "kernel":
+        kh, kw, cin, cout = leaf.shape
+        total += 2 * pixels * kh * kw * cin * cout
+  return total
+
+
+def _xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", math.nan))
+
+
+# ============================================================================ JAX (child process)
+
+
+def model_config(name: str, dtype: str = "float32") -> ml_collections.ConfigDict:
+  """The experiment config of `name` ('paper' or 'demo') with the model's compute dtype set."""
+  config = MODEL_CONFIGS[name]()
+  config.unlock()
+  config.model.dtype = dtype
+  return config
+
+
+def bench_loss_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """BCE + tv_weight * anisotropic mean-TV: the loss the PyTorch peer also computes."""
+  return ml_collections.ConfigDict({"tv_weight": float(config.loss.tv_weight),
+                                    "tv_reduction": "mean", "tv_kind": "anisotropic",
+                                    "dice_weight": 0.0})
+
+
+def _random_batch(batch: int, num_outputs: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  image = rng.random((batch, IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.float32)
+  label = (rng.random((batch, IMAGE_SIZE, IMAGE_SIZE, num_outputs)) < 0.1).astype(np.float32)
+  return {"image": image, "label": label}
+
+
+def jax_train(model_name: str, batch: int, dtype: str, plan: Plan) -> tuple[dict[str, Any], Any]:
+  """Times the project's train step; returns (record fields, final variables for inference)."""
+  config = model_config(model_name, dtype)
+  model = train.build_model(config.model)
+  tx = train.make_optimizer(config.train.learning_rate)
+  loss_cfg = bench_loss_config(config)
+  # As train_and_evaluate does it, on a one-device mesh.
+  mesh = sharding.make_mesh(1)
+  init_fn = functools.partial(train.create_state, model=model, tx=tx,
+                              image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1))
+  rng = jax.random.PRNGKey(0)
+  abstract = jax.eval_shape(init_fn, rng)
+  state_sh = sharding.state_shardings(mesh, abstract)
+  batch_sh = sharding.batch_sharding(mesh)
+  state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+  step_fn = jax.jit(
+      functools.partial(train.train_step, model=model, tx=tx, loss_cfg=loss_cfg, accum=1,
+                        n_devices=1),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=0)
+  data = jax.device_put(_random_batch(batch, config.model.num_outputs), batch_sh)
+
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(state, data)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  flops = _xla_flops(compiled)
+
+  times, metrics = [], None
+  for i in range(plan.warmup + plan.steps):
+    ts = time.perf_counter()
+    state, metrics = compiled(state, data)
+    jax.block_until_ready((state, metrics))
+    if i >= plan.warmup:
+      times.append(time.perf_counter() - ts)
+  step_s = _median(times)
+
+  num_outputs = config.model.num_outputs
+  tv_fn = jax.jit(jax.value_and_grad(
+      lambda lg: losses.anisotropic_tv(jax.nn.sigmoid(lg), "mean")))
+  logits = jax.random.normal(jax.random.PRNGKey(1), (batch, IMAGE_SIZE, IMAGE_SIZE, num_outputs))
+  tv_s = _median(_timed(lambda: jax.block_until_ready(tv_fn(logits)), 2, 10))
+
+  params = abstract.params
+  model_flops = 3 * unet_forward_flops(params, (IMAGE_SIZE, IMAGE_SIZE), config.model.depth)
+  record = {
+      "model": model_name, "dtype": dtype, "batch": batch,
+      "base": config.model.base, "depth": config.model.depth, "num_outputs": num_outputs,
+      "params": _count(params), "batch_stats": _count(abstract.batch_stats),
+      "jax_trace_s": t1 - t0, "jax_compile_s": t2 - t1,
+      "jax_step_s": times, "jax_step_s_median": step_s, "jax_img_s": batch / step_s,
+      "xla_gflop_per_step": flops / 1e9, "xla_gflop_per_img": flops / batch / 1e9,
+      "model_gflop_per_img": model_flops / 1e9,
+      "jax_gflops": flops / step_s / 1e9,
+      "jax_tv_s": tv_s, "jax_tv_share": tv_s / step_s,
+      "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
+      "rss_mb_after": peak_rss_mb(),
+  }
+  return record, (model, {"params": state.params, "batch_stats": state.batch_stats})
+
+
+def _count(tree: Any) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def jax_matmul_gflops(n: int, dtype: str, reps: int) -> float:
+  """GFLOP/s of an (n, n) @ (n, n) dot in `dtype` with float32 accumulation (XLA's fast form)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  t = _median(_timed(lambda: jax.block_until_ready(f(a, b)), 1, reps))
+  return 2.0 * n**3 / t / 1e9
+
+
+def jax_inference(model_name: str, model: Any, variables: Any, plan: Plan) -> dict[str, Any]:
+  """Slices/s of `predict.segment_volume` on the plan's phantom volume, and of the network alone."""
+  config = model_config(model_name, "float32")
+  contract = train.model_contract(config, (IMAGE_SIZE, IMAGE_SIZE))
+  predictor = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(1),
+                                     batch_size=plan.infer_batch)
+
+  def run():
+    return predict.segment_volume(plan.volume_path, model, variables, contract,
+                                  predictor=predictor)
+
+  t0 = time.perf_counter()
+  seg = run()  # compiles
+  first_s = time.perf_counter() - t0
+  volume_s = _timed(run, 0, plan.infer_reps)
+  x = predict.network_inputs(np.moveaxis(seg.display_hu, 2, 0), contract)  # (Z, 128, 128)
+  network_s = _timed(lambda: predictor(x), 0, plan.infer_reps)
+  z = x.shape[0]
+  return {"model": model_name, "volume_shape": list(seg.file_shape),
+          "batch_size": predictor.batch_size, "first_call_s": first_s,
+          "volume_s": volume_s, "slices_s_volume": z / _median(volume_s),
+          "network_s": network_s, "slices_s_network": z / _median(network_s),
+          "rss_mb_after": peak_rss_mb()}
+
+
+def run_variant(name: str, plan: Plan) -> dict[str, Any]:
+  """Every JAX measurement of the plan under this process's XLA flags (a child process)."""
+  # Compile times must be real compilations, not persistent-cache reads.
+  jax.config.update("jax_enable_compilation_cache", False)
+  out: dict[str, Any] = {
+      "variant": name, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(), "matmul_gflops": {}, "train": [], "inference": [],
+  }
+  for dtype in plan.dtypes:
+    out["matmul_gflops"][dtype] = jax_matmul_gflops(plan.matmul_n, dtype, plan.matmul_reps)
+    _log(f"{name}: jax matmul {dtype} {out['matmul_gflops'][dtype]:.1f} GFLOP/s")
+  for model_name in plan.models:
+    kept = None
+    for dtype in plan.dtypes:
+      for batch in plan.batches:
+        rec, model_vars = jax_train(model_name, batch, dtype, plan)
+        rec["load_avg"] = list(os.getloadavg())
+        out["train"].append(rec)
+        kept = kept or model_vars
+        _log(f"{name}: jax {model_name} {dtype} b{batch}: {rec['jax_img_s']:.2f} img/s, compile "
+             f"{rec['jax_compile_s']:.1f} s")
+    if plan.volume_path:
+      inf = jax_inference(model_name, *kept, plan)
+      inf["dtype"] = plan.dtypes[0]
+      out["inference"].append(inf)
+      _log(f"{name}: inference {model_name}: {inf['slices_s_volume']:.2f} slices/s end to end")
+  out["peak_rss_mb"] = peak_rss_mb()
+  return out
+
+
+def _child_xla_flags(variant: str) -> str:
+  # A forced fake-device count (the test suite's) would only split the same cores.
+  inherited = [f for f in os.environ.get("XLA_FLAGS", "").split()
+               if "xla_force_host_platform_device_count" not in f]
+  return " ".join(inherited + XLA_VARIANTS[variant].split())
+
+
+def spawn_variant(name: str, plan: Plan, workdir: str, timeout_s: float = 4 * 3600) -> dict:
+  """Runs `run_variant(name)` in a child process with that variant's XLA_FLAGS."""
+  plan_path = os.path.join(workdir, "plan.json")
+  out_path = os.path.join(workdir, f"variant-{name}.json")
+  with open(plan_path, "w") as f:
+    json.dump(dataclasses.asdict(plan), f)
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = _child_xla_flags(name)
+  env["JAX_PLATFORMS"] = "cpu"
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+  cmd = [sys.executable, "-m", "experiments.benchmark", "--variant", name, "--plan", plan_path,
+         "--variant_out", out_path]
+  _log(f"variant {name}: XLA_FLAGS={env['XLA_FLAGS']!r}")
+  try:
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout_s, check=False)
+  except subprocess.TimeoutExpired:
+    return {"variant": name, "error": f"timed out after {timeout_s:.0f} s"}
+  if proc.returncode != 0 or not os.path.exists(out_path):
+    return {"variant": name, "xla_flags": env["XLA_FLAGS"],
+            "error": f"child process exited with code {proc.returncode} (see stderr above)"}
+  with open(out_path) as f:
+    return json.load(f)
+
+
+# ============================================================================ PyTorch (parent)
+
+
+def torch_part(plan: Plan) -> dict[str, Any]:
+  """Matmul peak and train steps of the PyTorch peer; {"error": ...} if torch is missing."""
+  if importlib.util.find_spec("torch") is None:
+    return {"error": "torch not installed (pip install -e '.[bench]')"}
+  import torch  # pylint: disable=g-import-not-at-top
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+
+  threads = torch_unet.set_threads()
+  torch.manual_seed(0)
+  out: dict[str, Any] = {"version": torch.__version__, "threads": threads,
+                         "memory_format": "channels_last", "matmul_gflops": {}, "train": []}
+  n = plan.matmul_n
+  for dtype in plan.dtypes:
+    tdt = getattr(torch, dtype)
+    a, b = torch.randn(n, n).to(tdt), torch.randn(n, n).to(tdt)
+    t = _median(_timed(lambda: torch.mm(a, b), 1, plan.matmul_reps))  # pylint: disable=cell-var-from-loop
+    out["matmul_gflops"][dtype] = 2.0 * n**3 / t / 1e9
+    _log(f"torch matmul {dtype} {out['matmul_gflops'][dtype]:.1f} GFLOP/s")
+  for model_name in plan.models:
+    for dtype in plan.dtypes:
+      for batch in plan.batches:
+        rec = torch_train(model_name, batch, dtype, plan)
+        out["train"].append(rec)
+        _log(f"torch {model_name} {dtype} b{batch}: {rec['torch_img_s']:.2f} img/s")
+  return out
+
+
+def torch_train(model_name: str, batch: int, dtype: str, plan: Plan) -> dict[str, Any]:
+  """Times the PyTorch peer's train step (channels_last; bf16 autocast for 'bfloat16')."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+
+  config = model_config(model_name)
+  m = config.model
+  net = torch_unet.TorchUNet(m.base, m.depth, m.dropout, m.num_outputs)
+  net = net.to(memory_format=torch.channels_last)
+  opt = torch_unet.make_optimizer(net, config.train.learning_rate)
+  data = _random_batch(batch, m.num_outputs)
+  x = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous(
+      memory_format=torch.channels_last)  # (B, 1, H, W)
+  y = torch.from_numpy(data["label"]).permute(0, 3, 1, 2).contiguous(
+      memory_format=torch.channels_last)
+  autocast = torch.bfloat16 if dtype == "bfloat16" else None
+  tv_weight = float(config.loss.tv_weight)
+  losses_seen = []
+
+  def step():
+    loss = torch_unet.train_step(net, opt, x, y, tv_weight=tv_weight, autocast_dtype=autocast)
+    losses_seen.append(float(loss))
+
+  times = _timed(step, plan.warmup, plan.steps)
+  step_s = _median(times)
+  logits = torch.randn(batch, m.num_outputs, IMAGE_SIZE, IMAGE_SIZE).contiguous(
+      memory_format=torch.channels_last).requires_grad_(True)
+
+  def tv():
+    logits.grad = None
+    torch_unet.anisotropic_tv(torch.sigmoid(logits)).backward()
+
+  tv_s = _median(_timed(tv, 2, 10))
+  params, stats = torch_unet.count_params(net)
+  return {"model": model_name, "dtype": dtype, "batch": batch, "torch_params": params,
+          "torch_batch_stats": stats, "torch_step_s": times, "torch_step_s_median": step_s,
+          "torch_img_s": batch / step_s, "torch_tv_s": tv_s, "torch_tv_share": tv_s / step_s,
+          "torch_loss_finite": bool(np.isfinite(losses_seen[-1])),
+          "load_avg": list(os.getloadavg())}
+
+
+# ============================================================================ data (parent)
+
+
+def pipeline_part(plan: Plan, workdir: str) -> dict[str, Any]:
+  """Training-input slices/s with one worker thread, pinned to one CPU, on a phantom dataset."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tvunet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  tfds.disable_progress_bar()
+  manual_dir = os.path.join(workdir, "medseg_phantom")
+  data_dir = os.path.join(workdir, "tfds")
+  t0 = time.perf_counter()
+  input_pipeline.prepare_dataset(
+      manual_dir, data_dir, "paper_128",
+      phantom=dict(tr_slices=plan.pipeline_tr_slices, tr_size=128, rp_size=128,
+                   rp_slices=(4, 6), seed=0))
+  build_s = time.perf_counter() - t0
+  src = input_pipeline.load_split(data_dir, "paper_128", "train")
+  cfg = default_config.get_config()
+  aug = cfg.data.augment
+  variants = {"augmented (demo config)": input_pipeline.Augment(
+      aug.flip, aug.rotate_deg, aug.shift_px, aug.hu_jitter),
+              "no augmentation (paper)": input_pipeline.Augment()}
+  out: dict[str, Any] = {"dataset_slices": len(src), "batch": plan.pipeline_batch,
+                         "batches": plan.pipeline_batches, "num_threads": 1,
+                         "phantom_and_build_s": build_s, "slices_s": {}}
+  cpus = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+  if cpus:
+    # Threads inherit the creating thread's affinity: the iterator's worker is born pinned too.
+    os.sched_setaffinity(0, {min(cpus)})
+    out["pinned_cpu"] = min(cpus)
+  try:
+    for label, augment in variants.items():
+      it = input_pipeline.TrainIterator(
+          src, local_batch_size=plan.pipeline_batch, seed=0, target=cfg.data.target,
+          intensity=cfg.data.intensity, augment=augment, sharding=None, process_index=0,
+          process_count=1, num_threads=1, prefetch=1)
+      next(it)  # opens the array_record readers
+      t0 = time.perf_counter()
+      for _ in range(plan.pipeline_batches):
+        next(it)
+      out["slices_s"][label] = plan.pipeline_batches * plan.pipeline_batch / (
+          time.perf_counter() - t0)
+      it.close()
+  finally:
+    if cpus:
+      os.sched_setaffinity(0, cpus)
+  return out
+
+
+def write_volume(plan: Plan, workdir: str) -> str:
+  """A phantom CT volume (size x size x slices, int16 HU, MedSeg storage layout); its path."""
+  hu, _, _ = phantom.generate_volume(np.random.default_rng(0), plan.volume_size,
+                                     plan.volume_slices, lesion=True)
+  path = os.path.join(workdir, f"volume_{plan.volume_size}x{plan.volume_slices}.nii.gz")
+  nifti_io.save_volume(nifti_io.to_storage(np.round(hu).astype(np.int16)),
+                       phantom.affine_for(plan.volume_size, 350.0, 5.0), path)
+  return path
+
+
+# ============================================================================ results
+
+
+def peak_gflops(variants: Sequence[Mapping], torch_res: Mapping) -> dict[str, dict[str, float]]:
+  """Per dtype: every measured matmul GFLOP/s ('jax_<variant>', 'torch') and their max 'peak'."""
+  out: dict[str, dict[str, float]] = {}
+  sources = [(f"jax_{v['variant']}", v.get("matmul_gflops", {})) for v in variants]
+  sources.append(("torch", torch_res.get("matmul_gflops", {})))
+  for who, table in sources:
+    for dtype, value in table.items():
+      out.setdefault(dtype, {})[who] = float(value)
+  for table in out.values():
+    table["peak"] = max(table.values())
+  return out
+
+
+def make_records(env: Mapping, variants: Sequence[Mapping], torch_res: Mapping) -> list[dict]:
+  """One record per (model, dtype, batch, XLA variant), JAX and PyTorch numbers side by side.
+
+  Args:
+    env: `environment()` output (cpu_model, isa_flags).
+    variants: `run_variant` outputs (those with an "error" are skipped).
+    torch_res: `torch_part` output (may be {"error": ...}: torch fields are then None).
+
+  Returns:
+    Records holding at least `RECORD_FIELDS`; `ratio` = jax_img_s / torch_img_s (None without
+    torch); `jax_mfu` = XLA-counted FLOP/s over the dtype's matmul peak; `*_mfu_model` use the
+    analytic network FLOPs for both frameworks.
+  """
+  peaks = peak_gflops([v for v in variants if "error" not in v], torch_res)
+  torch_by_key = {(r["model"], r["dtype"], r["batch"]): r for r in torch_res.get("train", [])}
+  records = []
+  for v in variants:
+    if "error" in v:
+      continue
+    for jr in v["train"]:
+      key = (jr["model"], jr["dtype"], jr["batch"])
+      tr = torch_by_key.get(key, {})
+      peak = peaks.get(jr["dtype"], {}).get("peak")
+      jax_img_s, torch_img_s = jr["jax_img_s"], tr.get("torch_img_s")
+      model_gflop = jr["model_gflop_per_img"]
+      rec = {
+          "model": jr["model"], "dtype": jr["dtype"], "batch": jr["batch"],
+          "conv_backend": "xla", "xla_variant": v["variant"], "xla_flags": v["xla_flags"],
+          "jax_img_s": jax_img_s, "torch_img_s": torch_img_s,
+          "ratio": jax_img_s / torch_img_s if torch_img_s else None,
+          "peak_gflops": peak,
+          "jax_mfu": jr["jax_gflops"] / peak if peak else None,
+          "jax_mfu_model": jax_img_s * model_gflop / peak if peak else None,
+          "torch_mfu_model": (torch_img_s * model_gflop / peak
+                              if peak and torch_img_s else None),
+          "params_match": (tr["torch_params"] == jr["params"]) if tr else None,
+          **{k: val for k, val in jr.items() if k not in ("model", "dtype", "batch", "load_avg")},
+          **{k: val for k, val in tr.items() if k not in ("model", "dtype", "batch", "load_avg")},
+          "jax_load_avg": jr.get("load_avg"), "torch_load_avg": tr.get("load_avg"),
+          "device_kind": v.get("device_kind"),
+          "cpu_model": env["cpu_model"], "isa_flags": dict(env["isa_flags"]),
+      }
+      records.append(rec)
+  return records
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "-"
+  if isinstance(x, float):
+    return f"{x:.{digits}f}"
+  return str(x)
+
+
+def to_markdown(results: Mapping[str, Any]) -> str:
+  """The human-readable tables of a results dict (as written to results.json)."""
+  env = results["environment"]
+  plan = results["plan"]
+  isa = ", ".join(f for f, on in env["isa_flags"].items() if on) or "none of " + ", ".join(
+      env["isa_flags"])
+  lines = [
+      "# TV-UNet benchmark",
+      "",
+      f"`{results['command']}`: {results['mode']} run, {results['started_utc']}, "
+      f"{results['duration_s']:.0f} s wall clock.",
+      "",
+      f"- commit `{env['commit'][:12]}`{' (uncommitted changes)' if env['dirty'] else ''}; "
+      + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
+      f"- CPU: {env['cpu_model']}, {env['cores']} cores; ISA: {isa}; device kind "
+      f"{results.get('device_kind', '-')}",
+      f"- load average (1, 5, 15 min) at start {_fmt_load(env['load_avg_start'])}, at end "
+      f"{_fmt_load(results.get('load_avg_end'))}",
+      f"- train steps: median of {plan['steps']} timed after {plan['warmup']} warm-up, 128x128, "
+      "random data, BCE + TV, Adam; PyTorch: channels_last, "
+      f"{results['torch'].get('threads', '-')} threads",
+      "",
+      "## Train step",
+      "",
+      "| model | dtype | batch | XLA flags | JAX img/s | compile s | PyTorch img/s | JAX / PyTorch "
+      "| GFLOP/img XLA / model | JAX GFLOP/s | MFU JAX (XLA count) | MFU JAX / PyTorch (model) "
+      "| TV share JAX / PyTorch |",
+      "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in results["records"]:
+    lines.append(
+        f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['xla_variant']} "
+        f"| {_fmt(r['jax_img_s'])} | {_fmt(r.get('jax_compile_s'), 1)} "
+        f"| {_fmt(r['torch_img_s'])} | {_fmt(r['ratio'])} "
+        f"| {_fmt(r.get('xla_gflop_per_img'), 1)} / {_fmt(r.get('model_gflop_per_img'), 1)} "
+        f"| {_fmt(r.get('jax_gflops'), 1)} | {_pct(r.get('jax_mfu'))} "
+        f"| {_pct(r.get('jax_mfu_model'))} / {_pct(r.get('torch_mfu_model'))} "
+        f"| {_pct(r.get('jax_tv_share'))} / {_pct(r.get('torch_tv_share'))} |")
+  lines += ["", f"Matmul peak ({plan['matmul_n']}x{plan['matmul_n']}, GFLOP/s):", "",
+            "| dtype | " + " | ".join(_peak_columns(results)) + " |",
+            "|---|" + "---:|" * len(_peak_columns(results))]
+  for dtype, table in results["matmul_gflops"].items():
+    lines.append(f"| {dtype} | " + " | ".join(
+        _fmt(table.get(c), 1) for c in _peak_columns(results)) + " |")
+  if results["inference"]:
+    lines += ["", "## Inference (`predict.segment_volume` on a phantom volume)", "",
+              "| model | XLA flags | volume | batch | slices/s end to end | slices/s network "
+              "| first call s |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in results["inference"]:
+      lines.append(
+          f"| {r['model']} | {r['xla_variant']} | {'x'.join(map(str, r['volume_shape']))} "
+          f"| {r['batch_size']} | {_fmt(r['slices_s_volume'])} | {_fmt(r['slices_s_network'])} "
+          f"| {_fmt(r['first_call_s'], 1)} |")
+  pipe = results.get("input_pipeline", {})
+  if pipe.get("slices_s"):
+    lines += ["", f"## Input pipeline (one thread pinned to one CPU, batch {pipe['batch']}, "
+              f"{pipe['dataset_slices']}-slice phantom train split)", "",
+              "| augmentation | slices/s |", "|---|---:|"]
+    lines += [f"| {k} | {_fmt(v, 0)} |" for k, v in pipe["slices_s"].items()]
+  lines += ["", "## Peak resident memory (MiB)", "", "| process | MiB |", "|---|---:|"]
+  lines += [f"| {k} | {_fmt(v, 0)} |" for k, v in results["peak_rss_mb"].items()]
+  if results.get("notes"):
+    lines += ["", "## Notes", ""] + [f"- {e}" for e in results["notes"]]
+  if results.get("errors"):
+    lines += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
+  return "\n".join(lines) + "\n"
+
+
+def _peak_columns(results: Mapping) -> list[str]:
+  cols: list[str] = []
+  for table in results["matmul_gflops"].values():
+    cols += [c for c in table if c not in cols and c != "peak"]
+  return cols + ["peak"]
+
+
+def _pct(x: float | None) -> str:
+  return "-" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+
+
+def _fmt_load(load: Sequence[float] | None) -> str:
+  return "-" if not load else " / ".join(f"{v:.2f}" for v in load)
+
+
+def _md_path(json_path: str) -> str:
+  root, ext = os.path.splitext(json_path)
+  return (root if ext == ".json" else json_path) + ".md"
+
+
+def _write_atomic(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+# ============================================================================ entry point
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split(
+      "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="CI smoke run, < 2 minutes")
+  p.add_argument("--out", default=None, help="results JSON path (markdown beside it, .md); "
+                 f"default {DEFAULT_OUT} ({DEFAULT_QUICK_OUT} with --quick)")
+  p.add_argument("--models", default="", help="comma-separated subset of: paper,demo")
+  p.add_argument("--batches", default="", help="comma-separated batch sizes")
+  p.add_argument("--dtypes", default="", help="comma-separated: float32,bfloat16")
+  p.add_argument("--variants", default="", help="comma-separated XLA variants: default,ynn")
+  p.add_argument("--steps", type=int, default=None, help="timed train steps")
+  p.add_argument("--warmup", type=int, default=None, help="untimed train steps")
+  p.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
+  p.add_argument("--no_pipeline", action="store_true", help="skip the input-pipeline measurement")
+  # Internal: a child process measuring one XLA variant.
+  p.add_argument("--variant", default="", help=argparse.SUPPRESS)
+  p.add_argument("--plan", default="", help=argparse.SUPPRESS)
+  p.add_argument("--variant_out", default="", help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def _split(s: str, cast=str) -> list:
+  return [cast(v) for v in s.split(",") if v.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse(argv)
+  if args.variant:
+    with open(args.plan) as f:
+      plan = Plan(**json.load(f))
+    result = run_variant(args.variant, plan)
+    _write_atomic(args.variant_out, json.dumps(result, indent=1))
+    return 0
+
+  started = time.time()
+  try:
+    plan = make_plan(args.quick, models=_split(args.models), batches=_split(args.batches, int),
+                     dtypes=_split(args.dtypes), variants=_split(args.variants),
+                     steps=args.steps, warmup=args.warmup, torch=not args.no_torch)
+  except ValueError as e:
+    print(str(e), file=sys.stderr)
+    return 2
+  out_path = args.out or os.path.join(REPO_ROOT, DEFAULT_QUICK_OUT if args.quick else DEFAULT_OUT)
+  env = environment()
+  if env["load_avg_start"][0] > 1.3 and env["cores"] <= 2:
+    _log(f"warning: load average {env['load_avg_start'][0]:.2f} on {env['cores']} cores; "
+         "other work will slow both frameworks unevenly")
+  errors: list[str] = []
+  notes: list[str] = []
+  with tempfile.TemporaryDirectory(prefix="tvunet_benchmark_") as workdir:
+    plan.volume_path = write_volume(plan, workdir)
+    pipeline: dict[str, Any] = {}
+    if not args.no_pipeline:
+      _log("input pipeline")
+      pipeline = pipeline_part(plan, workdir)
+    torch_res: dict[str, Any] = {"error": "skipped (--no_torch)"}
+    if plan.torch:
+      torch_res = torch_part(plan)
+    if "error" in torch_res:
+      notes.append(f"PyTorch peer not measured: {torch_res['error']}")
+    variants = [spawn_variant(v, plan, workdir) for v in plan.variants]
+  errors += [f"variant {v['variant']}: {v['error']}" for v in variants if "error" in v]
+  ok = [v for v in variants if "error" not in v]
+  records = make_records(env, variants, torch_res)
+  inference = [{**r, "xla_variant": v["variant"]} for v in ok for r in v["inference"]]
+  plan_dict = dataclasses.asdict(plan)
+  plan_dict.pop("volume_path")
+  results = {
+      "schema": SCHEMA_VERSION,
+      "command": "python -m experiments.benchmark " + " ".join(
+          sys.argv[1:] if argv is None else argv),
+      "mode": plan.mode,
+      "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "duration_s": time.time() - started,
+      "environment": env,
+      "load_avg_end": list(os.getloadavg()),
+      "device_kind": ok[0]["device_kind"] if ok else None,
+      "plan": plan_dict,
+      "xla_variants": {v: XLA_VARIANTS[v] for v in plan.variants},
+      "flop_count_model": MODEL_FLOPS_NOTE,
+      "matmul_gflops": peak_gflops(ok, torch_res),
+      "records": records,
+      "inference": inference,
+      "input_pipeline": pipeline,
+      "torch": {k: v for k, v in torch_res.items() if k != "train"},
+      "peak_rss_mb": {"parent (PyTorch, input pipeline)": peak_rss_mb(),
+                      **{f"JAX child ({v['variant']})": v["peak_rss_mb"] for v in ok}},
+      "errors": errors,
+      "notes": notes,
+  }
+  _write_atomic(out_path, json.dumps(results, indent=1) + "\n")
+  _write_atomic(_md_path(out_path), to_markdown(results))
+  _log(f"wrote {out_path} and {_md_path(out_path)} in {results['duration_s']:.0f} s")
+  print(to_markdown(results))
+  return 1 if errors else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
