@@ -52,6 +52,12 @@ def main(argv):
                jax.default_backend())
   final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("final: %s", json.dumps(final, sort_keys=True))
+  if jax.process_index() == 0 and "test/dice" in final:
+    print("test split at threshold {:.2f}: Dice {:.4f} (a constant prediction: {:.4f}), IoU {:.4f}, "
+          "AP {:.4f}, precision {:.4f}, recall {:.4f}; report: {}".format(
+              _CONFIG.value.eval.threshold, final["test/dice"], final["test/dice_constant_baseline"],
+              final["test/iou"], final["test/average_precision"], final["test/precision"],
+              final["test/recall"], os.path.join(_WORKDIR.value, "test_metrics.json")))
 
 
 if __name__ == "__main__":
