@@ -177,3 +177,33 @@ def test_load_for_inference_reproduces_eval_logits(tiny_config, tmp_path):
   ref_vars, _ = _final_params(workdir, tiny_config)
   np.testing.assert_array_equal(model.apply(variables, x, train=False),
                                 ref_model.apply(ref_vars, x, train=False))
+
+
+def test_plateau_and_early_stopping_bookkeeping(tiny_config):
+  t = tiny_config.train
+  t.plateau_patience, t.early_stop_patience, t.best_mode = 2, 3, "min"
+  meta = {"best": None, "since_best": 0, "stopped_early": False}
+  seen = []
+  for value in [1.0, 0.9, 0.95, 0.93, 0.92, 0.8, 0.85, 0.84, 0.83]:
+    improved = train._update_plateau(meta, value, t)  # pylint: disable=protected-access
+    seen.append((improved, meta["lr_drop"], meta["stopped_early"]))
+  assert [s[0] for s in seen] == [True, True, False, False, False, True, False, False, False]
+  # LR drops after 2 evaluations without improvement (and again after 4), stop after 3.
+  assert [s[1] for s in seen] == [False, False, False, True, False, False, False, True, False]
+  assert [s[2] for s in seen] == [False] * 4 + [True] * 5  # once stopped, stays stopped
+  assert meta["best"] == 0.8
+
+
+def test_init_checkpoint_starts_from_its_weights(tiny_config, tmp_path):
+  tiny_config.data.test_split = ""
+  tiny_config.train.num_steps = 2
+  first = str(tmp_path / "first")
+  train.train_and_evaluate(tiny_config, first)
+  tiny_config.train.init_checkpoint = first
+  tiny_config.train.learning_rate = 0.0  # Adam with lr 0: the weights stay the restored ones
+  tiny_config.train.num_steps = 1
+  second = str(tmp_path / "second")
+  train.train_and_evaluate(tiny_config, second)
+  a, _ = _final_params(first, tiny_config)
+  b, _ = _final_params(second, tiny_config)
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
