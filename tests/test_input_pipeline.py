@@ -1,6 +1,7 @@
 """Input pipeline: targets, intensity, sharded global batches, seeded epochs, exact resume."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -145,3 +146,18 @@ def test_eval_batches_cover_split_once_with_padding(built_dummy):
     seen += [(v, s) for v, s, ok in zip(meta["volume_id"], meta["slice_index"], meta["valid"]) if ok]
   assert n_valid == 8 and len(set(seen)) == 8
   assert {v for v, _ in seen} == {"rp7", "rp8", "rp9"}
+
+
+def test_prepare_dataset_fills_only_empty_folders(tmp_path):
+  phantom = {"tr_slices": 2, "tr_size": 32, "rp_size": 32, "rp_slices": (2, 2)}
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  ip.prepare_dataset(empty, tmp_path / "tfds_a", "paper_128", phantom=phantom)
+  assert (empty / "phantom.json").exists()
+  assert [p.name for p in tmp_path.iterdir() if ".incomplete-" in p.name] == []
+  # A folder that already holds data (here the hand-made MedSeg-shaped set) is never replaced.
+  real = tmp_path / "real"
+  shutil.copytree(DUMMY, real)
+  ip.prepare_dataset(real, tmp_path / "tfds_b", "paper_128", phantom=phantom)
+  assert not (real / "phantom.json").exists()
+  assert len(ip.load_split(tmp_path / "tfds_b", "paper_128", "validation")) == 3

@@ -12,6 +12,7 @@ import pytest
 
 from tvunet_jax import checkpointing
 from tvunet_jax import input_pipeline
+from tvunet_jax import models
 from tvunet_jax import nifti_io
 from tvunet_jax import phantom
 from tvunet_jax import predict
@@ -263,7 +264,7 @@ def test_derived_lung_excludes_outside_air():
 
 
 def test_sharded_predictor_matches_direct_apply():
-  model = checkpointing.build_model({"base": 4, "depth": 2, "dropout": 0.2, "num_outputs": 1,
+  model = models.build({"base": 4, "depth": 2, "dropout": 0.2, "num_outputs": 1,
                                      "dtype": "float32", "upsample": "subpixel",
                                      "pool": "reshape"})
   import jax  # pylint: disable=g-import-not-at-top

@@ -7,16 +7,19 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tvunet_jax import checkpointing
 from tvunet_jax import input_pipeline
+from tvunet_jax import losses
+from tvunet_jax import models
 from tvunet_jax import sharding
 from tvunet_jax import train
 
 
 def _final_params(workdir, cfg):
-  model = train.build_model(cfg.model)
+  model = models.build(cfg.model)
   abstract = jax.eval_shape(functools.partial(
       model.init, train=False), jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 1)))
   variables, meta = checkpointing.restore_variables(os.path.join(workdir, "checkpoints"), abstract)
@@ -24,6 +27,7 @@ def _final_params(workdir, cfg):
 
 
 def test_tiny_run_end_to_end(tiny_config, tmp_path):
+  tiny_config.eval.threshold = 0.35  # off the 0.1..0.9 grid: the operating point is its own
   workdir = str(tmp_path / "run")
   final = train.train_and_evaluate(tiny_config, workdir)
   for f in ("config.json", "versions.json", "model_contract.json", "test_metrics.json"):
@@ -37,13 +41,15 @@ def test_tiny_run_end_to_end(tiny_config, tmp_path):
   with open(os.path.join(workdir, "test_metrics.json")) as f:
     report = json.load(f)
   assert len(report["threshold"]) == 9 and "paper_miou" in report
+  assert report["operating_threshold"] == 0.35
   contract = checkpointing.read_contract(workdir)
   assert contract["image_size"] == [128, 128] and contract["intensity"] == "lung_window"
+  assert contract["threshold"] == 0.35
 
 
 def _run_steps(cfg, mesh, batches, n_steps):
   """Losses of n_steps train steps on `mesh` over the given host batches."""
-  model = train.build_model(cfg.model)
+  model = models.build(cfg.model)
   tx = train.make_optimizer(cfg.train.learning_rate)
   init = functools.partial(train.create_state, model=model, tx=tx, image_shape=(128, 128, 1))
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -52,11 +58,11 @@ def _run_steps(cfg, mesh, batches, n_steps):
   state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_cfg=cfg.loss),
                  in_shardings=(state_sh, batch_sh), donate_argnums=0)
-  losses = []
+  curve = []
   for b in batches[:n_steps]:
     state, m = step(state, input_pipeline.to_global(b, batch_sh))
-    losses.append(float(m["loss"]))
-  return np.array(losses), jax.device_get(state.params)
+    curve.append(float(m["loss"]))
+  return np.array(curve), jax.device_get(state.params)
 
 
 def test_one_vs_eight_devices_same_loss_curve(tiny_config):
@@ -121,24 +127,40 @@ def test_impossible_batch_configs_fail_at_start(tiny_config, tmp_path, field, va
     train.train_and_evaluate(tiny_config, str(tmp_path / "bad"))
 
 
-def test_grad_accumulation_matches_one_big_batch(tiny_config):
-  """accum=2 over micro-batches of 4 == one batch of 8, up to BatchNorm (per micro-batch)."""
-  tiny_config.model.dropout = 0.0
-  model = train.build_model(tiny_config.model)
-  tx = train.make_optimizer(1e-3)
+def test_grad_accumulation_averages_micro_batch_gradients(tiny_config):
+  """accum=2 applies the mean of the two micro-batches' gradients (SGD, lr 1: delta = -grad)."""
+  model = models.build(tiny_config.model)
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
   state = train.create_state(jax.random.PRNGKey(0), model=model, tx=tx, image_shape=(16, 16, 1))
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(8, 16, 16, 1)).astype(np.float32),
            "label": (rng.random((8, 16, 16, 1)) > 0.7).astype(np.float32)}
   step = functools.partial(train.train_step, model=model, tx=tx, loss_cfg=tiny_config.loss)
-  _, m_acc = jax.jit(functools.partial(step, accum=2, n_devices=1))(state, batch)
-  halves = [jax.tree.map(lambda x: x[i * 4:(i + 1) * 4], batch) for i in range(2)]
-  losses = [float(jax.jit(step)(state, h)[1]["loss"]) for h in halves]
-  np.testing.assert_allclose(float(m_acc["loss"]), np.mean(losses), rtol=1e-5)
+  acc_state, m_acc = jax.jit(functools.partial(step, accum=2, n_devices=1))(state, batch)
+  # Each micro-batch alone, from the same state; dropout keys match fold_in(step key, i).
+  deltas, micro_losses = [], []
+  for i in range(2):
+    half = jax.tree.map(lambda x, i=i: x[i * 4:(i + 1) * 4], batch)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(
+        state.rng, impl=train.DROPOUT_RNG_IMPL), state.step), i)
+
+    def loss_fn(params, half=half, key=key):
+      logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, half["image"],
+                              train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+      return losses.total_loss(logits, half["label"], tv_weight=tiny_config.loss.tv_weight,
+                                dice_weight=tiny_config.loss.dice_weight)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    deltas.append(grads)
+    micro_losses.append(float(loss))
+  np.testing.assert_allclose(float(m_acc["loss"]), np.mean(micro_losses), rtol=1e-5)
+  expected = jax.tree.map(lambda p, a, b: p - (a + b) / 2, state.params, *deltas)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               acc_state.params, expected)
 
 
 def test_non_finite_step_is_flagged_and_stops_run(tiny_config, tmp_path, monkeypatch):
-  model = train.build_model(tiny_config.model)
+  model = models.build(tiny_config.model)
   tx = train.make_optimizer(1e-3)
   state = train.create_state(jax.random.PRNGKey(0), model=model, tx=tx, image_shape=(16, 16, 1))
   bad = {"image": np.full((2, 16, 16, 1), np.nan, np.float32),
@@ -173,7 +195,7 @@ def test_load_for_inference_reproduces_eval_logits(tiny_config, tmp_path):
   model, variables, contract = checkpointing.load_for_inference(workdir)
   assert contract["model"]["base"] == tiny_config.model.base
   x = np.random.default_rng(0).normal(size=(2, 128, 128, 1)).astype(np.float32)
-  ref_model = train.build_model(tiny_config.model)
+  ref_model = models.build(tiny_config.model)
   ref_vars, _ = _final_params(workdir, tiny_config)
   np.testing.assert_array_equal(model.apply(variables, x, train=False),
                                 ref_model.apply(ref_vars, x, train=False))

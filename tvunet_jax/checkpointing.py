@@ -124,14 +124,6 @@ def restore_variables(path: str, abstract_variables: dict) -> tuple[dict, dict]:
   return restored["state"], meta
 
 
-def build_model(model_cfg: dict) -> models.UNet:
-  """The U-Net described by a config's `model` block (as saved in the model contract)."""
-  return models.UNet(base=model_cfg["base"], depth=model_cfg["depth"],
-                     dropout=model_cfg["dropout"], num_outputs=model_cfg["num_outputs"],
-                     dtype=jnp.dtype(model_cfg["dtype"]), upsample=model_cfg["upsample"],
-                     pool=model_cfg["pool"], bn_momentum=model_cfg.get("bn_momentum", 0.99))
-
-
 def load_for_inference(path: str, sharding: jax.sharding.Sharding | None = None
                        ) -> tuple[models.UNet, dict, dict]:
   """(model, variables, contract) from a workdir or checkpoint, ready for `model.apply`.
@@ -140,7 +132,7 @@ def load_for_inference(path: str, sharding: jax.sharding.Sharding | None = None
   file; `sharding` (e.g. replicated over a mesh) places the variables.
   """
   contract = read_contract(path)
-  model = build_model(contract["model"])
+  model = models.build(contract["model"])
   h, w = contract["image_size"]
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, h, w, contract.get("in_channels", 1))), train=False))

@@ -83,9 +83,8 @@ def data_locations(workdir: str, manual_dir: str | None = None, data_dir: str | 
       cfg = json.load(f).get("data", {})
   elif not (manual_dir and data_dir):
     raise ValueError(f"{path}: not found; pass --manual_dir and --data_dir")
-  # The same defaults as train.prepare_data.
-  manual = manual_dir or cfg.get("manual_dir") or os.path.join(workdir, "data", "medseg_phantom")
-  data = data_dir or cfg.get("data_dir") or os.path.join(workdir, "data", "tfds")
+  manual, data = input_pipeline.data_dirs(workdir, manual_dir or cfg.get("manual_dir", ""),
+                                          data_dir or cfg.get("data_dir", ""))
   return manual, data, cfg.get("builder_config", "paper_128")
 
 

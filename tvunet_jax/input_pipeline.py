@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import os
+import shutil
 from typing import Any, Iterator
 
 import grain
@@ -26,7 +27,6 @@ import scipy.ndimage
 import tensorflow_datasets as tfds
 
 from tfds_builder import covid19_ct_seg
-from tfds_builder.covid19_ct_seg import covid19_ct_seg_dataset_builder as covid19_ct_seg_builder
 
 # Lung window (W 1500, L -600): the intensity range a radiologist reads lung infection in.
 LUNG_WINDOW = (-1350.0, 150.0)
@@ -57,23 +57,35 @@ class Augment:
     return bool(self.flip or self.rotate_deg or self.shift_px or self.hu_jitter)
 
 
+def data_dirs(workdir: str, manual_dir: str = "", data_dir: str = "") -> tuple[str, str]:
+  """(manual_dir, data_dir) of a run: the configured folders, else <workdir>/data/{medseg_phantom,
+  tfds} (the embedded phantom's default home)."""
+  return (manual_dir or os.path.join(workdir, "data", "medseg_phantom"),
+          data_dir or os.path.join(workdir, "data", "tfds"))
+
+
 def prepare_dataset(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
                     builder_config: str, phantom: dict | None = None) -> None:
   """Makes `covid19_ct_seg/<builder_config>` exist in `data_dir`.
 
-  With `phantom` (keyword arguments of `phantom.write_medseg_phantom`), a `manual_dir` that holds
-  no complete phantom or MedSeg download is filled with the synthetic phantom first. An existing
-  complete TFDS build is reused as is.
+  With `phantom` (keyword arguments of `phantom.write_medseg_phantom`), a missing or empty
+  `manual_dir` is filled with the synthetic phantom first; a non-empty one is taken as data (the
+  builder names any file it lacks). An existing complete TFDS build is reused as is.
   """
   manual_dir = os.path.abspath(os.fspath(manual_dir))
-  has_data = os.path.exists(os.path.join(manual_dir, covid19_ct_seg_builder.TR_IMAGE))
-  if phantom is not None and not has_data:
+  if phantom is not None and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
     from tvunet_jax import phantom as phantom_lib  # pylint: disable=g-import-not-at-top
     # Generated beside the target and renamed into place: an interrupted run never leaves a
-    # partial phantom under manual_dir.
+    # partial phantom under manual_dir. A non-empty manual_dir is data and is never replaced.
     tmp = f"{manual_dir}.incomplete-{os.getpid()}"
-    phantom_lib.write_medseg_phantom(tmp, overwrite=True, **phantom)
-    os.replace(tmp, manual_dir)
+    try:
+      phantom_lib.write_medseg_phantom(tmp, overwrite=True, **phantom)
+      if os.path.isdir(manual_dir):
+        os.rmdir(manual_dir)  # empty (checked above)
+      os.replace(tmp, manual_dir)
+    finally:
+      if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
   covid19_ct_seg.build(manual_dir, data_dir, builder_config)
 
 
@@ -81,6 +93,12 @@ def load_split(data_dir: str | os.PathLike, config: str, split: str):
   """Random-access source of one split of `covid19_ct_seg/<config>` (no TensorFlow needed)."""
   return tfds.data_source(f"{covid19_ct_seg.NAME}/{config}", split=split,
                           data_dir=os.fspath(data_dir), download=False)
+
+
+def lung_window(hu: np.ndarray) -> np.ndarray:
+  """HU -> the lung window (W 1500, L -600) mapped to [0, 1], float32, same shape."""
+  lo, hi = LUNG_WINDOW
+  return ((np.clip(np.asarray(hu, np.float32), lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
 def preprocess(example: dict, *, target: str = "ground_glass",
@@ -96,8 +114,7 @@ def preprocess(example: dict, *, target: str = "ground_glass",
     raise ValueError(f"unknown target {target!r}; choose from {sorted(TARGETS)}")
   image = np.asarray(example["image"], np.float32)
   if intensity == "lung_window":
-    lo, hi = LUNG_WINDOW
-    image = (np.clip(image, lo, hi) - lo) / (hi - lo)
+    image = lung_window(image)
   elif intensity != "raw_hu":
     raise ValueError(f"unknown intensity {intensity!r}; choose from {INTENSITIES}")
   label = np.isin(example["mask"], TARGETS[target]).astype(np.float32)

@@ -305,6 +305,15 @@ def _FlaxConvTranspose(features: int, *, name: str, dtype: Dtype,  # pylint: dis
       param_dtype=param_dtype, name=name)
 
 
+def build(model_cfg: Any) -> UNet:
+  """The U-Net a config's `model` block (a ConfigDict or the dict saved in a model contract)
+  describes; missing `bn_momentum` (older contracts) means Keras' 0.99."""
+  get = model_cfg.get
+  return UNet(base=get('base'), depth=get('depth'), dropout=get('dropout'),
+              num_outputs=get('num_outputs'), dtype=jnp.dtype(get('dtype')),
+              upsample=get('upsample'), pool=get('pool'), bn_momentum=get('bn_momentum', 0.99))
+
+
 def paper_unet(**overrides: Any) -> UNet:
   """The paper's network: base 64, depth 4, dropout 0.2, 2 output channels.
 

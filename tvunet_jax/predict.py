@@ -433,6 +433,7 @@ def save_figure_atomic(fig, path: str) -> None:
   os.close(fd)
   try:
     fig.savefig(tmp, dpi=100)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the figure from other users
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

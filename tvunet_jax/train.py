@@ -44,10 +44,6 @@ class TrainState:
 DROPOUT_RNG_IMPL = "rbg"
 
 
-def build_model(model_cfg: ml_collections.ConfigDict) -> models.UNet:
-  return checkpointing.build_model(model_cfg.to_dict())
-
-
 def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
   # inject_hyperparams puts the LR into the optimizer state: reduce-on-plateau changes it between
   # steps without recompiling, and checkpoints carry it.
@@ -142,13 +138,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.UNet,
-              loss_cfg: ml_collections.ConfigDict, thresholds: jax.Array
-              ) -> tuple[dict[str, jax.Array], jax.Array]:
-  """Sufficient statistics of one padded evaluation batch (padding rows carry valid = 0).
+              loss_cfg: ml_collections.ConfigDict) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Loss sums and probabilities of one padded evaluation batch (padding rows: valid = 0).
+
+  The loss is computed per image and averaged over images, so `eval/loss` does not depend on the
+  eval batch size; with `dice_weight > 0` its Dice term is per image (training pools the soft Dice
+  over its batch), so eval and train losses differ by construction.
 
   Returns:
-    ({"loss_sum", "bce_sum", "tv_sum", "count", "tp", "fp", "fn", "tn" (T,)} summed over valid
-    rows; probabilities (B, H, W) float32 of the first output channel.
+    ({"loss_sum", "bce_sum", "tv_sum", "count"} summed over valid rows, probabilities (B, H, W)
+    float32 of the first output channel). Segmentation metrics are accumulated on the host from
+    the probabilities (`metrics.SegmentationAccumulator`).
   """
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                        batch["image"], train=False)
@@ -162,10 +162,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.U
 
   loss, bce, tv = jax.vmap(per_image)(logits, batch["label"])
   probs = jax.nn.sigmoid(logits[..., 0])
-  pixel_weights = jnp.broadcast_to(valid[:, None, None], probs.shape)
-  counts = metrics.batch_stats(probs, batch["label"][..., 0], thresholds, pixel_weights)
   sums = {"loss_sum": jnp.sum(loss * valid), "bce_sum": jnp.sum(bce * valid),
-          "tv_sum": jnp.sum(tv * valid), "count": jnp.sum(valid), **counts}
+          "tv_sum": jnp.sum(tv * valid), "count": jnp.sum(valid)}
   return sums, probs
 
 
@@ -186,6 +184,9 @@ def _check_batch_config(config: ml_collections.ConfigDict, mesh) -> int:
         f"train.per_device_batch_size={t.per_device_batch_size} contradicts global_batch_size="
         f"{t.global_batch_size} / ({n} devices x {t.grad_accum_steps} accumulation steps) = "
         f"{per_device}")
+  if config.model.num_outputs != 1:
+    raise ValueError(f"model.num_outputs={config.model.num_outputs}: the input pipeline and the "
+                     "metrics handle one lesion channel; set model.num_outputs=1")
   if config.eval.batch_size % n:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the {n} "
                      "devices")
@@ -210,17 +211,29 @@ def model_contract(config: ml_collections.ConfigDict, image_size: tuple[int, int
   }
 
 
-def evaluate(eval_fn, state, source, *, config, batch_sharding, local_eval_batch: int,
-             thresholds: np.ndarray) -> dict[str, Any]:
-  """A full pass over one split: pooled threshold table, loss, per-volume and connectivity stats.
+def volume_names(source) -> list[str]:
+  """Sorted volume ids of a split (decodes every example: call once per split)."""
+  return sorted({source[i]["volume_id"].decode() for i in range(len(source))})
 
-  Device-side counts are reduced over the global batch by XLA; probabilities come back
-  replicated, so every process builds the same host-side accumulator.
+
+def evaluate(eval_fn, state: TrainState, source, names: list[str], *,
+             config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Sharding,
+             local_eval_batch: int) -> dict[str, Any]:
+  """A full pass over one split: the threshold table, loss, per-volume and connectivity stats.
+
+  Args:
+    eval_fn: jitted `eval_step` (state, batch) -> (loss sums, probs (B, H, W) replicated).
+    source: the split's random-access source; names: `volume_names(source)`.
+
+  Returns:
+    `SegmentationAccumulator.result()` plus loss, bce, tv, num_slices and "overlays" (images,
+    labels, probs of the first `eval.num_overlays` slices). Probabilities come back replicated,
+    so every process builds the same host-side accumulator.
   """
-  acc = metrics.SegmentationAccumulator(thresholds=thresholds)
+  acc = metrics.SegmentationAccumulator(thresholds=metrics.PAPER_THRESHOLDS,
+                                        operating_threshold=config.eval.threshold)
   totals: dict[str, np.ndarray] = {}
   overlays = None
-  volume_names = sorted({source[i]["volume_id"].decode() for i in range(len(source))})
   for batch, meta in input_pipeline.eval_batches(
       source, local_batch_size=local_eval_batch, target=config.data.target,
       intensity=config.data.intensity, sharding=batch_sharding):
@@ -232,8 +245,8 @@ def evaluate(eval_fn, state, source, *, config, batch_sharding, local_eval_batch
     labels = np.asarray(multihost_utils.process_allgather(batch["label"], tiled=True))[..., 0]
     valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True)) > 0
     vol = np.asarray(multihost_utils.process_allgather(
-        np.array([volume_names.index(v) if v else -1 for v in meta["volume_id"]]), tiled=True))
-    acc.update(probs[valid], labels[valid], volume_ids=[volume_names[i] for i in vol[valid]])
+        np.array([names.index(v) if v else -1 for v in meta["volume_id"]]), tiled=True))
+    acc.update(probs[valid], labels[valid], volume_ids=[names[i] for i in vol[valid]])
     if overlays is None:
       images = np.asarray(multihost_utils.process_allgather(batch["image"], tiled=True))[..., 0]
       k = config.eval.num_overlays
@@ -242,16 +255,13 @@ def evaluate(eval_fn, state, source, *, config, batch_sharding, local_eval_batch
   n = max(float(totals["count"]), 1.0)
   result.update(loss=float(totals["loss_sum"]) / n, bce=float(totals["bce_sum"]) / n,
                 tv=float(totals["tv_sum"]) / n, num_slices=int(totals["count"]), overlays=overlays)
-  # The pooled device counts and the host accumulator must agree; a mismatch is a bug, not noise.
-  np.testing.assert_allclose(np.asarray(totals["tp"]), result["tp"], rtol=1e-6)
   return result
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Phantom (if configured and absent) and the TFDS build, by process 0; returns data_dir."""
   d = config.data
-  manual_dir = d.manual_dir or os.path.join(workdir, "data", "medseg_phantom")
-  data_dir = d.data_dir or os.path.join(workdir, "data", "tfds")
+  manual_dir, data_dir = input_pipeline.data_dirs(workdir, d.manual_dir, d.data_dir)
   if jax.process_index() == 0:
     input_pipeline.prepare_dataset(manual_dir, data_dir, d.builder_config,
                                    phantom=d.phantom.to_dict() if d.generate_phantom else None)
@@ -267,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh.num_devices)
   n_devices = mesh.shape[sharding.DATA_AXIS]
-  _check_batch_config(config, mesh)
+  _check_batch_config(config, mesh)  # fails before any data is built
   batch_sh = sharding.batch_sharding(mesh)
   logging.info("processes %d, devices %d (%s), mesh %s", jax.process_count(), jax.device_count(),
                jax.devices()[0].device_kind, dict(mesh.shape))
@@ -287,10 +297,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
   eval_every = t.eval_every_steps if t.eval_every_steps > 0 else steps_per_epoch
-  thresholds = np.round(np.arange(0.1, 1.0, 0.1), 2)
 
   # ---------------------------------------------------------------- model and state
-  model = build_model(config.model)
+  model = models.build(config.model)
   tx = make_optimizer(t.learning_rate)
   init_fn = functools.partial(create_state, model=model, tx=tx, image_shape=(*image_size, 1))
   rng = jax.random.PRNGKey(config.seed)
@@ -305,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- restore
   ckpt = checkpointing.Checkpoints(workdir, keep=t.keep_checkpoints, best_metric=t.best_metric,
                                    best_mode=t.best_mode)
-  meta = {"best": None, "since_best": 0, "epoch_evals": 0, "stopped_early": False}
+  meta = {"best": None, "since_best": 0, "stopped_early": False}
   restored = ckpt.restore_or_none(abstract_state)
   if restored is not None:
     state, data_state, meta = restored
@@ -328,99 +337,103 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         accum=t.grad_accum_steps, n_devices=n_devices),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
   eval_fn = jax.jit(
-      functools.partial(eval_step, model=model, loss_cfg=config.loss,
-                        thresholds=jnp.asarray(thresholds, jnp.float32)),
+      functools.partial(eval_step, model=model, loss_cfg=config.loss),
       in_shardings=(state_sh, batch_sh), out_shardings=(replicated, replicated))
   local_eval_batch = sharding.local_batch_size(config.eval.batch_size, mesh)
 
-  def run_eval(source, prefix):
-    result = evaluate(eval_fn, state, source, config=config, batch_sharding=batch_sh,
-                      local_eval_batch=local_eval_batch, thresholds=thresholds)
+  eval_names = volume_names(eval_src)
+
+  def run_eval(source, names, prefix):
+    result = evaluate(eval_fn, state, source, names, config=config, batch_sharding=batch_sh,
+                      local_eval_batch=local_eval_batch)
     scalars = metrics.summary_scalars(result, threshold=config.eval.threshold)
     writer.write_scalars(int(state.step), {f"{prefix}/{k}": v for k, v in scalars.items()})
     return result, {f"eval/{k}": v for k, v in scalars.items()}
 
-  last_saved = [start_step]
+  last_saved = start_step
 
   def save(step):
-    if step != last_saved[0]:
+    nonlocal last_saved
+    if step != last_saved:
       ckpt.save(step, state, train_iter.get_state(), {**meta, "contract": contract})
-      last_saved[0] = step
+      last_saved = step
 
   # ---------------------------------------------------------------- loop
   logging.info("training steps %d..%d (%d per epoch)", start_step, total_steps, steps_per_epoch)
   bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=jax.process_index() != 0,
                   desc="train", unit="step", dynamic_ncols=True)
-  last_eval: dict[str, Any] = {}
-  t0, images = time.perf_counter(), 0
-  stop_at = start_step + t.stop_after_steps if t.stop_after_steps > 0 else total_steps
-  step = start_step
-  while step < min(total_steps, stop_at) and not meta["stopped_early"]:
-    batch = next(train_iter)
-    state, m = train_fn(state, batch)
-    m = jax.device_get(m)  # one small sync per step; it also bounds the dispatch queue
-    step += 1
-    if not m["finite"]:
-      ckpt.wait()
-      raise FloatingPointError(
-          f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, grad_norm="
-          f"{float(m['grad_norm'])}); nothing of this step was saved, the last checkpoint in "
-          f"{workdir}/checkpoints is intact")
-    images += t.global_batch_size
-    bar.update(1)
-    if step % t.log_every_steps == 0 or step == total_steps:
-      dt = time.perf_counter() - t0
-      scalars = {f"train/{k}": float(v) for k, v in m.items() if k != "finite"}
-      scalars["train/images_per_sec"] = images / dt
-      scalars["train/steps_per_sec"] = images / t.global_batch_size / dt
-      writer.write_scalars(step, scalars)
-      bar.set_postfix(loss=f"{float(m['loss']):.4f}", img_s=f"{images / dt:.1f}")
-      t0, images = time.perf_counter(), 0
-    if step % eval_every == 0 or step == total_steps:
-      result, last_eval = run_eval(eval_src, "eval")
-      writer.write_overlays(step, *result.pop("overlays"), threshold=config.eval.threshold)
-      improved = _update_plateau(meta, last_eval[t.best_metric], t)
-      if meta.get("lr_drop"):
-        lr = max(float(state.opt_state.hyperparams["learning_rate"]) * t.plateau_factor,
-                 t.min_learning_rate)
-        state = _set_learning_rate(state, lr, state_sh)
-        logging.info("step %d: validation plateau, learning rate -> %g", step, lr)
-      bar.write(f"step {step}: " + ", ".join(
-          f"{k[5:]} {v:.4f}" for k, v in last_eval.items()
-          if k in ("eval/loss", "eval/dice", "eval/iou", "eval/average_precision")))
+  try:
+    last_eval: dict[str, Any] = {}
+    t0, images = time.perf_counter(), 0
+    stop_at = start_step + t.stop_after_steps if t.stop_after_steps > 0 else total_steps
+    step = start_step
+    while step < min(total_steps, stop_at) and not meta["stopped_early"]:
+      batch = next(train_iter)
+      state, m = train_fn(state, batch)
+      m = jax.device_get(m)  # one small sync per step; it also bounds the dispatch queue
+      step += 1
+      if not m["finite"]:
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, grad_norm="
+            f"{float(m['grad_norm'])}); nothing of this step was saved, the last checkpoint in "
+            f"{workdir}/checkpoints is intact")
+      images += t.global_batch_size
+      bar.update(1)
+      if step % t.log_every_steps == 0 or step == total_steps:
+        dt = time.perf_counter() - t0
+        scalars = {f"train/{k}": float(v) for k, v in m.items() if k != "finite"}
+        scalars["train/images_per_sec"] = images / dt
+        scalars["train/steps_per_sec"] = images / t.global_batch_size / dt
+        writer.write_scalars(step, scalars)
+        bar.set_postfix(loss=f"{float(m['loss']):.4f}", img_s=f"{images / dt:.1f}")
+        t0, images = time.perf_counter(), 0
+      if step % eval_every == 0 or step == total_steps:
+        result, last_eval = run_eval(eval_src, eval_names, "eval")
+        writer.write_overlays(step, *result.pop("overlays"), threshold=config.eval.threshold)
+        improved = _update_plateau(meta, last_eval[t.best_metric], t)
+        if meta.get("lr_drop"):
+          lr = max(float(state.opt_state.hyperparams["learning_rate"]) * t.plateau_factor,
+                   t.min_learning_rate)
+          state = _set_learning_rate(state, lr, state_sh)
+          logging.info("step %d: validation plateau, learning rate -> %g", step, lr)
+        bar.write(f"step {step}: " + ", ".join(
+            f"{k[5:]} {v:.4f}" for k, v in last_eval.items()
+            if k in ("eval/loss", "eval/dice", "eval/iou", "eval/average_precision")))
+        save(step)
+        if improved:
+          ckpt.save_best(step, state, train_iter.get_state(), {**meta, "contract": contract},
+                         last_eval)
+      elif step % t.checkpoint_every_steps == 0:
+        save(step)
+    if step == stop_at and step < total_steps:
       save(step)
-      if improved:
-        ckpt.save_best(step, state, train_iter.get_state(), {**meta, "contract": contract},
-                       last_eval)
-    elif step % t.checkpoint_every_steps == 0:
-      save(step)
-  bar.close()
-  if step == stop_at and step < total_steps:
-    save(step)
-    logging.info("stopped after %d steps of this run at step %d (stop_after_steps)",
-                 t.stop_after_steps, step)
+      logging.info("stopped after %d steps of this run at step %d (stop_after_steps)",
+                   t.stop_after_steps, step)
 
-  # ---------------------------------------------------------------- final test
-  final = {k: float(v) for k, v in last_eval.items()}
-  finished = step >= total_steps or meta["stopped_early"]
-  if finished and config.data.test_split:
-    test_src = input_pipeline.load_split(data_dir, config.data.builder_config,
-                                         config.data.test_split)
-    result, _ = run_eval(test_src, "test")
-    result.pop("overlays")
-    final.update({f"test/{k}": v for k, v in
-                  metrics.summary_scalars(result, threshold=config.eval.threshold).items()})
-    # What a constant prediction scores: all-lesion gives Dice 2P / (P + N), all-background 0.
-    positives = float(result["tp"][0] + result["fn"][0])
-    final["test/dice_constant_baseline"] = 2 * positives / (positives + float(result["num_pixels"]))
-    if jax.process_index() == 0:
-      checkpointing.write_json_atomic(os.path.join(workdir, "test_metrics.json"),
-                                      metrics.to_jsonable(result))
-  final["param_fingerprint"] = param_fingerprint(state.params)
-  ckpt.wait()
-  ckpt.close()
-  train_iter.close()
-  writer.close()
+    # ---------------------------------------------------------------- final test
+    final = {k: float(v) for k, v in last_eval.items()}
+    finished = step >= total_steps or meta["stopped_early"]
+    if finished and config.data.test_split:
+      test_src = input_pipeline.load_split(data_dir, config.data.builder_config,
+                                           config.data.test_split)
+      result, _ = run_eval(test_src, volume_names(test_src), "test")
+      result.pop("overlays")
+      final.update({f"test/{k}": v for k, v in
+                    metrics.summary_scalars(result, threshold=config.eval.threshold).items()})
+      # What a constant prediction scores: all-lesion gives Dice 2P / (P + N), all-background 0.
+      positives = float(result["tp"][0] + result["fn"][0])
+      final["test/dice_constant_baseline"] = 2 * positives / (
+          positives + float(result["num_pixels"]))
+      if jax.process_index() == 0:
+        checkpointing.write_json_atomic(os.path.join(workdir, "test_metrics.json"),
+                                        metrics.to_jsonable(result))
+    final["param_fingerprint"] = param_fingerprint(state.params)
+  finally:  # also on a non-finite step or an evaluation error: flush saves, stop threads
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    train_iter.close()
+    writer.close()
   return final
 
 

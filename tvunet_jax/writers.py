@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from tvunet_jax.input_pipeline import LUNG_WINDOW
+from tvunet_jax.input_pipeline import lung_window
 
 
 class MetricWriter:
@@ -50,8 +50,7 @@ def to_window(images: np.ndarray) -> np.ndarray:
   """HU -> lung window in [0, 1]; inputs already in [0, 1] pass through."""
   images = np.asarray(images, np.float32)
   if images.min(initial=0.0) < -1.5 or images.max(initial=0.0) > 1.5:
-    lo, hi = LUNG_WINDOW
-    images = (np.clip(images, lo, hi) - lo) / (hi - lo)
+    images = lung_window(images)
   return images
 
 

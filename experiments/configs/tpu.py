@@ -1,9 +1,11 @@
 """Cloud / Colab TPU: the paper network in bfloat16 compute with a large global batch.
 
-  python -m tvunet_jax.main --config experiments/configs/tpu.py --workdir gs://bucket/runs/tpu
+  python -m tvunet_jax.main --config experiments/configs/tpu.py --workdir runs/tpu
 
 On a multi-host TPU slice run the same command on every host: `jax.distributed` reads the slice
-from the environment. Parameters and optimizer state stay float32; activations are bfloat16. The
+from the environment. The workdir (and data) must be a local path that every host sees, e.g. a
+bucket mounted with gcsfuse or an NFS share; `gs://` URLs are not supported yet. Parameters and
+optimizer state stay float32; activations are bfloat16. The
 learning rate follows the linear scaling rule from the paper's 1e-3 at batch 32.
 """
 
