@@ -12,24 +12,27 @@ each as the median of repeated timed runs after warm-up, every run synchronised
     (experiments/configs/paper_split1.py: base 64) and the demo model (configs/default.py) at two
     batch sizes, 128x128, float32;
   * the same network, loss (BCE + TV) and optimizer in PyTorch (`experiments/torch_unet.py`,
-    channels_last, all cores; the optional `bench` extra) measured in the same run, and the ratio
-    JAX / PyTorch;
+    channels_last, all cores; the optional `bench` extra), and the ratio JAX / PyTorch. The two
+    frameworks' steps are timed alternately (JAX, PyTorch, JAX, ...) in the same process, so both
+    see the same background load;
   * achieved FLOP/s over the measured peak of this machine (a 4096x4096 float32 matmul, in JAX and
-    in PyTorch; the larger is the peak): model FLOP utilisation. The FLOP count of a step is XLA's
-    `compiled.cost_analysis()`; the analytic count of the network's convolutions (3 x forward) is
-    recorded beside it;
-  * the TV term's share of the step time (its forward + backward jitted alone on the step's
-    logits), the input pipeline's slices/s on one core (`num_threads=1`, pinned to one CPU),
+    in PyTorch; the largest is the peak): model FLOP utilisation. The FLOP count of a step is XLA's
+    `compiled.cost_analysis()`; the analytic count of the network's convolutions (3 x forward,
+    `unet_forward_flops`) is recorded beside it and used for PyTorch;
+  * the TV term's share of the step time (its forward + backward run alone on logits of the
+    step's shape), the input pipeline's slices/s on one core (`num_threads=1`, pinned to one CPU),
     inference slices/s on a 512x512 phantom volume (`predict.segment_volume`, end to end and
     network only) and the peak resident memory of each process;
-  * in full mode, every JAX number twice: with XLA's defaults and with
+  * in full mode, every number twice: with XLA's default flags and with
     `--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce` (see STACK.md). XLA reads
-    its flags once, at start, so each variant runs in a child process of this command.
+    its flags once, when the backend starts, so each variant runs in a child process of this
+    command (which itself only writes the phantom data and times the input pipeline).
 
-`--quick` (CI smoke test, < 2 minutes on 2 cores): demo model, batch 4, 1 warm-up + 3 timed steps,
-default XLA flags, a 128x128x4 volume. The full run (paper + demo, batch 8 and 16, 2 warm-up + 6
-timed steps, both XLA variants, a 512x512x24 volume) takes about 15 minutes on 2 cores; the JSON
-records the duration.
+`--quick` (CI smoke test, about 1 minute on 2 idle cores): demo model, batch 4, 1 warm-up + 3
+timed steps, default XLA flags, a 128x128x4 volume. The full run (paper + demo, batch 8 and 16, 1
+warm-up + 5 timed steps, both XLA variants, a 512x512x24 volume) takes about 20 minutes on 2 cores;
+the JSON records the duration. On a machine shared with other work, check `uptime` first: under
+load PyTorch's OpenMP threads slow down far more than XLA's (10x was seen), which flatters JAX.
 
 Loss in both frameworks: mean BCE + tv_weight * anisotropic TV ('mean' reduction) of the sigmoid,
 tv_weight from the model's config, no Dice term (the PyTorch peer has none). Timings mean nothing
@@ -65,6 +68,7 @@ import numpy as np
 from experiments.configs import default as default_config
 from experiments.configs import paper_split1 as paper_config
 from tvunet_jax import losses
+from tvunet_jax import models
 from tvunet_jax import nifti_io
 from tvunet_jax import phantom
 from tvunet_jax import predict
@@ -133,7 +137,7 @@ def make_plan(quick: bool, *, models: Sequence[str] | None = None,
                 pipeline_tr_slices=16, pipeline_batch=4, pipeline_batches=5)
   else:
     plan = Plan(mode="full", models=["paper", "demo"], batches=[8, 16], dtypes=["float32"],
-                variants=list(XLA_VARIANTS), warmup=2, steps=6, torch=torch)
+                variants=list(XLA_VARIANTS), warmup=1, steps=5, torch=torch)
   for name, value in (("models", models), ("batches", batches), ("dtypes", dtypes),
                       ("variants", variants)):
     if value:
@@ -287,7 +291,7 @@ def _xla_flops(compiled) -> float:
   return float((cost or {}).get("flops", math.nan))
 
 
-# ============================================================================ JAX (child process)
+# ============================================================================ the two steps
 
 
 def model_config(name: str, dtype: str = "float32") -> ml_collections.ConfigDict:
@@ -312,79 +316,176 @@ def _random_batch(batch: int, num_outputs: int, seed: int = 0) -> dict[str, np.n
   return {"image": image, "label": label}
 
 
-def jax_train(model_name: str, batch: int, dtype: str, plan: Plan) -> tuple[dict[str, Any], Any]:
-  """Times the project's train step; returns (record fields, final variables for inference)."""
-  config = model_config(model_name, dtype)
-  model = train.build_model(config.model)
-  tx = train.make_optimizer(config.train.learning_rate)
-  loss_cfg = bench_loss_config(config)
-  # As train_and_evaluate does it, on a one-device mesh.
-  mesh = sharding.make_mesh(1)
-  init_fn = functools.partial(train.create_state, model=model, tx=tx,
-                              image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1))
-  rng = jax.random.PRNGKey(0)
-  abstract = jax.eval_shape(init_fn, rng)
-  state_sh = sharding.state_shardings(mesh, abstract)
-  batch_sh = sharding.batch_sharding(mesh)
-  state = jax.jit(init_fn, out_shardings=state_sh)(rng)
-  step_fn = jax.jit(
-      functools.partial(train.train_step, model=model, tx=tx, loss_cfg=loss_cfg, accum=1,
-                        n_devices=1),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-      donate_argnums=0)
-  data = jax.device_put(_random_batch(batch, config.model.num_outputs), batch_sh)
-
+def _seconds(fn: Callable[[], Any]) -> float:
   t0 = time.perf_counter()
-  lowered = step_fn.lower(state, data)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  flops = _xla_flops(compiled)
+  fn()
+  return time.perf_counter() - t0
 
-  times, metrics = [], None
-  for i in range(plan.warmup + plan.steps):
-    ts = time.perf_counter()
-    state, metrics = compiled(state, data)
-    jax.block_until_ready((state, metrics))
-    if i >= plan.warmup:
-      times.append(time.perf_counter() - ts)
-  step_s = _median(times)
 
-  num_outputs = config.model.num_outputs
-  tv_fn = jax.jit(jax.value_and_grad(
-      lambda lg: losses.anisotropic_tv(jax.nn.sigmoid(lg), "mean")))
-  logits = jax.random.normal(jax.random.PRNGKey(1), (batch, IMAGE_SIZE, IMAGE_SIZE, num_outputs))
-  tv_s = _median(_timed(lambda: jax.block_until_ready(tv_fn(logits)), 2, 10))
+class JaxStep:
+  """The project's train step, jitted as `train.train_and_evaluate` does it, on one device.
 
-  params = abstract.params
-  model_flops = 3 * unet_forward_flops(params, (IMAGE_SIZE, IMAGE_SIZE), config.model.depth)
-  record = {
-      "model": model_name, "dtype": dtype, "batch": batch,
-      "base": config.model.base, "depth": config.model.depth, "num_outputs": num_outputs,
-      "params": _count(params), "batch_stats": _count(abstract.batch_stats),
-      "jax_trace_s": t1 - t0, "jax_compile_s": t2 - t1,
-      "jax_step_s": times, "jax_step_s_median": step_s, "jax_img_s": batch / step_s,
-      "xla_gflop_per_step": flops / 1e9, "xla_gflop_per_img": flops / batch / 1e9,
-      "model_gflop_per_img": model_flops / 1e9,
-      "jax_gflops": flops / step_s / 1e9,
-      "jax_tv_s": tv_s, "jax_tv_share": tv_s / step_s,
-      "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
-      "rss_mb_after": peak_rss_mb(),
-  }
-  return record, (model, {"params": state.params, "batch_stats": state.batch_stats})
+  Construction traces and compiles (timed); each call runs one synchronised step on a fixed
+  random batch, the state donated and replaced.
+  """
+
+  def __init__(self, model_name: str, batch: int, dtype: str):
+    config = model_config(model_name, dtype)
+    self.model_name, self.batch, self.dtype, self.config = model_name, batch, dtype, config
+    self.model = models.build(config.model)
+    tx = train.make_optimizer(config.train.learning_rate)
+    mesh = sharding.make_mesh(1)
+    init_fn = functools.partial(train.create_state, model=self.model, tx=tx,
+                                image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1))
+    rng = jax.random.PRNGKey(0)
+    self.abstract = jax.eval_shape(init_fn, rng)
+    state_sh = sharding.state_shardings(mesh, self.abstract)
+    batch_sh = sharding.batch_sharding(mesh)
+    self.state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+    step_fn = jax.jit(
+        functools.partial(train.train_step, model=self.model, tx=tx,
+                          loss_cfg=bench_loss_config(config), accum=1, n_devices=1),
+        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0)
+    self.data = jax.device_put(_random_batch(batch, config.model.num_outputs), batch_sh)
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(self.state, self.data)
+    t1 = time.perf_counter()
+    self.compiled = lowered.compile()
+    self.trace_s, self.compile_s = t1 - t0, time.perf_counter() - t1
+    self.flops = _xla_flops(self.compiled)
+    self.metrics = None
+
+  def __call__(self) -> None:
+    self.state, self.metrics = self.compiled(self.state, self.data)
+    jax.block_until_ready((self.state, self.metrics))
+
+  def variables(self) -> dict[str, Any]:
+    return {"params": self.state.params, "batch_stats": self.state.batch_stats}
+
+  def tv_seconds(self) -> float:
+    """Median time of the TV term's value and gradient alone, on logits of the step's shape."""
+    f = jax.jit(jax.value_and_grad(lambda lg: losses.anisotropic_tv(jax.nn.sigmoid(lg), "mean")))
+    logits = jax.random.normal(jax.random.PRNGKey(1), (self.batch, IMAGE_SIZE, IMAGE_SIZE,
+                                                       self.config.model.num_outputs))
+    return _median(_timed(lambda: jax.block_until_ready(f(logits)), 2, 10))
+
+  def summary(self, times: Sequence[float]) -> dict[str, Any]:
+    m = self.config.model
+    step_s = _median(times)
+    params = self.abstract.params
+    model_flops = 3 * unet_forward_flops(params, (IMAGE_SIZE, IMAGE_SIZE), m.depth)
+    tv_s = self.tv_seconds()
+    return {
+        "model": self.model_name, "dtype": self.dtype, "batch": self.batch,
+        "base": m.base, "depth": m.depth, "num_outputs": m.num_outputs,
+        "params": _count(params), "batch_stats": _count(self.abstract.batch_stats),
+        "jax_trace_s": self.trace_s, "jax_compile_s": self.compile_s,
+        "jax_step_s": list(times), "jax_step_s_median": step_s, "jax_img_s": self.batch / step_s,
+        "xla_gflop_per_step": self.flops / 1e9, "xla_gflop_per_img": self.flops / self.batch / 1e9,
+        "model_gflop_per_img": model_flops / 1e9, "jax_gflops": self.flops / step_s / 1e9,
+        "jax_tv_s": tv_s, "jax_tv_share": tv_s / step_s,
+        "jax_loss_finite": bool(np.isfinite(float(self.metrics["loss"]))),
+    }
+
+
+class TorchStep:
+  """The PyTorch peer's train step (channels_last; bf16 autocast for 'bfloat16') on one batch."""
+
+  def __init__(self, model_name: str, batch: int, dtype: str):
+    import torch  # pylint: disable=g-import-not-at-top
+    from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+    self.torch, self.lib = torch, torch_unet
+    config = model_config(model_name)
+    m = config.model
+    self.batch, self.num_outputs = batch, m.num_outputs
+    net = torch_unet.TorchUNet(m.base, m.depth, m.dropout, m.num_outputs,
+                               bn_momentum=1.0 - m.get("bn_momentum", 0.99))
+    self.net = net.to(memory_format=torch.channels_last)
+    self.opt = torch_unet.make_optimizer(self.net, config.train.learning_rate)
+    data = _random_batch(batch, m.num_outputs)
+    # (B, H, W, C) -> (B, C, H, W) logical shape, channels_last in memory.
+    to_torch = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last)
+    self.x, self.y = to_torch(data["image"]), to_torch(data["label"])
+    self.autocast = torch.bfloat16 if dtype == "bfloat16" else None
+    self.tv_weight = float(config.loss.tv_weight)
+    self.loss = math.nan
+
+  def __call__(self) -> None:
+    loss = self.lib.train_step(self.net, self.opt, self.x, self.y, tv_weight=self.tv_weight,
+                               autocast_dtype=self.autocast)
+    self.loss = float(loss)
+
+  def tv_seconds(self) -> float:
+    torch = self.torch
+    logits = torch.randn(self.batch, self.num_outputs, IMAGE_SIZE, IMAGE_SIZE).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+
+    def tv():
+      logits.grad = None
+      self.lib.anisotropic_tv(torch.sigmoid(logits)).backward()
+
+    return _median(_timed(tv, 2, 10))
+
+  def summary(self, times: Sequence[float]) -> dict[str, Any]:
+    step_s = _median(times)
+    tv_s = self.tv_seconds()
+    params, stats = self.lib.count_params(self.net)
+    return {"torch_params": params, "torch_batch_stats": stats, "torch_step_s": list(times),
+            "torch_step_s_median": step_s, "torch_img_s": self.batch / step_s,
+            "torch_tv_s": tv_s, "torch_tv_share": tv_s / step_s,
+            "torch_loss_finite": bool(np.isfinite(self.loss))}
 
 
 def _count(tree: Any) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def jax_matmul_gflops(n: int, dtype: str, reps: int) -> float:
-  """GFLOP/s of an (n, n) @ (n, n) dot in `dtype` with float32 accumulation (XLA's fast form)."""
+def measure_train(model_name: str, batch: int, dtype: str, plan: Plan, with_torch: bool
+                  ) -> tuple[dict[str, Any], JaxStep]:
+  """JAX and PyTorch train steps of one (model, dtype, batch), timed alternately.
+
+  Steps alternate (JAX, PyTorch, JAX, ...) so that both frameworks see the same background load
+  on a shared machine; each list of step times gives its median.
+  """
+  jx = JaxStep(model_name, batch, dtype)
+  tr = TorchStep(model_name, batch, dtype) if with_torch else None
+  for _ in range(plan.warmup):
+    jx()
+    if tr:
+      tr()
+  jax_times, torch_times = [], []
+  for _ in range(plan.steps):
+    jax_times.append(_seconds(jx))
+    if tr:
+      torch_times.append(_seconds(tr))
+  record = jx.summary(jax_times)
+  record.update(tr.summary(torch_times) if tr else {"torch_img_s": None})
+  record["load_avg"] = list(os.getloadavg())
+  record["rss_mb_after"] = peak_rss_mb()
+  return record, jx
+
+
+def matmul_gflops(n: int, dtype: str, reps: int, with_torch: bool) -> dict[str, float]:
+  """GFLOP/s of an (n, n) @ (n, n) product in JAX (float32 accumulation, XLA's fast form for
+  bf16) and PyTorch, timed alternately; {"jax": ..., "torch": ...}."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  t = _median(_timed(lambda: jax.block_until_ready(f(a, b)), 1, reps))
-  return 2.0 * n**3 / t / 1e9
+  calls = {"jax": lambda: jax.block_until_ready(f(a, b))}
+  if with_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    # np.array copies: a view of a jax.Array is read-only, which torch.from_numpy warns about.
+    ta, tb = (torch.from_numpy(np.array(m, np.float32)).to(getattr(torch, dtype)) for m in (a, b))
+    calls["torch"] = lambda: torch.mm(ta, tb)
+  times: dict[str, list[float]] = {k: [] for k in calls}
+  for i in range(1 + reps):  # the first round warms up
+    for k, fn in calls.items():
+      dt = _seconds(fn)
+      if i:
+        times[k].append(dt)
+  return {k: 2.0 * n**3 / _median(v) / 1e9 for k, v in times.items()}
 
 
 def jax_inference(model_name: str, model: Any, variables: Any, plan: Plan) -> dict[str, Any]:
@@ -412,28 +513,47 @@ def jax_inference(model_name: str, model: Any, variables: Any, plan: Plan) -> di
           "rss_mb_after": peak_rss_mb()}
 
 
+def _torch_status(plan: Plan) -> dict[str, Any]:
+  """{"version", "threads", "memory_format"} after setting the threads, or {"error": why not}."""
+  if not plan.torch:
+    return {"error": "skipped (--no_torch)"}
+  if importlib.util.find_spec("torch") is None:
+    return {"error": "torch not installed (pip install -e '.[bench]')"}
+  import torch  # pylint: disable=g-import-not-at-top
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  return {"version": torch.__version__, "threads": torch_unet.set_threads(),
+          "memory_format": "channels_last"}
+
+
 def run_variant(name: str, plan: Plan) -> dict[str, Any]:
-  """Every JAX measurement of the plan under this process's XLA flags (a child process)."""
+  """Every JAX and PyTorch measurement of the plan under this process's XLA flags (a child)."""
   # Compile times must be real compilations, not persistent-cache reads.
   jax.config.update("jax_enable_compilation_cache", False)
+  torch_info = _torch_status(plan)
+  with_torch = "error" not in torch_info
   out: dict[str, Any] = {
       "variant": name, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-      "num_devices": jax.device_count(), "matmul_gflops": {}, "train": [], "inference": [],
+      "num_devices": jax.device_count(), "torch": torch_info, "matmul_gflops": {}, "train": [],
+      "inference": [],
   }
   for dtype in plan.dtypes:
-    out["matmul_gflops"][dtype] = jax_matmul_gflops(plan.matmul_n, dtype, plan.matmul_reps)
-    _log(f"{name}: jax matmul {dtype} {out['matmul_gflops'][dtype]:.1f} GFLOP/s")
+    out["matmul_gflops"][dtype] = matmul_gflops(plan.matmul_n, dtype, plan.matmul_reps,
+                                                with_torch)
+    _log(f"{name}: matmul {dtype} GFLOP/s " + ", ".join(
+        f"{k} {v:.1f}" for k, v in out["matmul_gflops"][dtype].items()))
   for model_name in plan.models:
     kept = None
     for dtype in plan.dtypes:
       for batch in plan.batches:
-        rec, model_vars = jax_train(model_name, batch, dtype, plan)
-        rec["load_avg"] = list(os.getloadavg())
+        rec, jx = measure_train(model_name, batch, dtype, plan, with_torch)
         out["train"].append(rec)
-        kept = kept or model_vars
-        _log(f"{name}: jax {model_name} {dtype} b{batch}: {rec['jax_img_s']:.2f} img/s, compile "
-             f"{rec['jax_compile_s']:.1f} s")
+        if kept is None:
+          kept = (jx.model, jx.variables())
+        _log(f"{name}: {model_name} {dtype} b{batch}: JAX {rec['jax_img_s']:.2f} img/s (compile "
+             f"{rec['jax_compile_s']:.1f} s), PyTorch {_fmt(rec['torch_img_s'])} img/s")
+        del jx
     if plan.volume_path:
       inf = jax_inference(model_name, *kept, plan)
       inf["dtype"] = plan.dtypes[0]
@@ -473,77 +593,6 @@ def spawn_variant(name: str, plan: Plan, workdir: str, timeout_s: float = 4 * 36
             "error": f"child process exited with code {proc.returncode} (see stderr above)"}
   with open(out_path) as f:
     return json.load(f)
-
-
-# ============================================================================ PyTorch (parent)
-
-
-def torch_part(plan: Plan) -> dict[str, Any]:
-  """Matmul peak and train steps of the PyTorch peer; {"error": ...} if torch is missing."""
-  if importlib.util.find_spec("torch") is None:
-    return {"error": "torch not installed (pip install -e '.[bench]')"}
-  import torch  # pylint: disable=g-import-not-at-top
-  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
-
-  threads = torch_unet.set_threads()
-  torch.manual_seed(0)
-  out: dict[str, Any] = {"version": torch.__version__, "threads": threads,
-                         "memory_format": "channels_last", "matmul_gflops": {}, "train": []}
-  n = plan.matmul_n
-  for dtype in plan.dtypes:
-    tdt = getattr(torch, dtype)
-    a, b = torch.randn(n, n).to(tdt), torch.randn(n, n).to(tdt)
-    t = _median(_timed(lambda: torch.mm(a, b), 1, plan.matmul_reps))  # pylint: disable=cell-var-from-loop
-    out["matmul_gflops"][dtype] = 2.0 * n**3 / t / 1e9
-    _log(f"torch matmul {dtype} {out['matmul_gflops'][dtype]:.1f} GFLOP/s")
-  for model_name in plan.models:
-    for dtype in plan.dtypes:
-      for batch in plan.batches:
-        rec = torch_train(model_name, batch, dtype, plan)
-        out["train"].append(rec)
-        _log(f"torch {model_name} {dtype} b{batch}: {rec['torch_img_s']:.2f} img/s")
-  return out
-
-
-def torch_train(model_name: str, batch: int, dtype: str, plan: Plan) -> dict[str, Any]:
-  """Times the PyTorch peer's train step (channels_last; bf16 autocast for 'bfloat16')."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
-
-  config = model_config(model_name)
-  m = config.model
-  net = torch_unet.TorchUNet(m.base, m.depth, m.dropout, m.num_outputs)
-  net = net.to(memory_format=torch.channels_last)
-  opt = torch_unet.make_optimizer(net, config.train.learning_rate)
-  data = _random_batch(batch, m.num_outputs)
-  x = torch.from_numpy(data["image"]).permute(0, 3, 1, 2).contiguous(
-      memory_format=torch.channels_last)  # (B, 1, H, W)
-  y = torch.from_numpy(data["label"]).permute(0, 3, 1, 2).contiguous(
-      memory_format=torch.channels_last)
-  autocast = torch.bfloat16 if dtype == "bfloat16" else None
-  tv_weight = float(config.loss.tv_weight)
-  losses_seen = []
-
-  def step():
-    loss = torch_unet.train_step(net, opt, x, y, tv_weight=tv_weight, autocast_dtype=autocast)
-    losses_seen.append(float(loss))
-
-  times = _timed(step, plan.warmup, plan.steps)
-  step_s = _median(times)
-  logits = torch.randn(batch, m.num_outputs, IMAGE_SIZE, IMAGE_SIZE).contiguous(
-      memory_format=torch.channels_last).requires_grad_(True)
-
-  def tv():
-    logits.grad = None
-    torch_unet.anisotropic_tv(torch.sigmoid(logits)).backward()
-
-  tv_s = _median(_timed(tv, 2, 10))
-  params, stats = torch_unet.count_params(net)
-  return {"model": model_name, "dtype": dtype, "batch": batch, "torch_params": params,
-          "torch_batch_stats": stats, "torch_step_s": times, "torch_step_s_median": step_s,
-          "torch_img_s": batch / step_s, "torch_tv_s": tv_s, "torch_tv_share": tv_s / step_s,
-          "torch_loss_finite": bool(np.isfinite(losses_seen[-1])),
-          "load_avg": list(os.getloadavg())}
 
 
 # ============================================================================ data (parent)
@@ -609,62 +658,54 @@ def write_volume(plan: Plan, workdir: str) -> str:
 # ============================================================================ results
 
 
-def peak_gflops(variants: Sequence[Mapping], torch_res: Mapping) -> dict[str, dict[str, float]]:
-  """Per dtype: every measured matmul GFLOP/s ('jax_<variant>', 'torch') and their max 'peak'."""
+def peak_gflops(variants: Sequence[Mapping]) -> dict[str, dict[str, float]]:
+  """Per dtype: every measured matmul GFLOP/s ('<framework>_<variant>') and their max, 'peak'."""
   out: dict[str, dict[str, float]] = {}
-  sources = [(f"jax_{v['variant']}", v.get("matmul_gflops", {})) for v in variants]
-  sources.append(("torch", torch_res.get("matmul_gflops", {})))
-  for who, table in sources:
-    for dtype, value in table.items():
-      out.setdefault(dtype, {})[who] = float(value)
+  for v in variants:
+    for dtype, table in v.get("matmul_gflops", {}).items():
+      for framework, value in table.items():
+        out.setdefault(dtype, {})[f"{framework}_{v['variant']}"] = float(value)
   for table in out.values():
     table["peak"] = max(table.values())
   return out
 
 
-def make_records(env: Mapping, variants: Sequence[Mapping], torch_res: Mapping) -> list[dict]:
+def make_records(env: Mapping, variants: Sequence[Mapping]) -> list[dict]:
   """One record per (model, dtype, batch, XLA variant), JAX and PyTorch numbers side by side.
 
   Args:
     env: `environment()` output (cpu_model, isa_flags).
-    variants: `run_variant` outputs (those with an "error" are skipped).
-    torch_res: `torch_part` output (may be {"error": ...}: torch fields are then None).
+    variants: `run_variant` outputs (those with an "error" are skipped). Each holds its own
+      PyTorch numbers, measured alternately with the JAX steps of the same record.
 
   Returns:
     Records holding at least `RECORD_FIELDS`; `ratio` = jax_img_s / torch_img_s (None without
-    torch); `jax_mfu` = XLA-counted FLOP/s over the dtype's matmul peak; `*_mfu_model` use the
-    analytic network FLOPs for both frameworks.
+    PyTorch); `peak_gflops` = the largest matmul GFLOP/s of the dtype over the whole run;
+    `jax_mfu` = XLA-counted FLOP/s over that peak; `*_mfu_model` use the analytic network FLOPs
+    for both frameworks.
   """
-  peaks = peak_gflops([v for v in variants if "error" not in v], torch_res)
-  torch_by_key = {(r["model"], r["dtype"], r["batch"]): r for r in torch_res.get("train", [])}
+  ok = [v for v in variants if "error" not in v]
+  peaks = peak_gflops(ok)
   records = []
-  for v in variants:
-    if "error" in v:
-      continue
-    for jr in v["train"]:
-      key = (jr["model"], jr["dtype"], jr["batch"])
-      tr = torch_by_key.get(key, {})
-      peak = peaks.get(jr["dtype"], {}).get("peak")
-      jax_img_s, torch_img_s = jr["jax_img_s"], tr.get("torch_img_s")
-      model_gflop = jr["model_gflop_per_img"]
-      rec = {
-          "model": jr["model"], "dtype": jr["dtype"], "batch": jr["batch"],
+  for v in ok:
+    for tr in v["train"]:
+      peak = peaks.get(tr["dtype"], {}).get("peak")
+      jax_img_s, torch_img_s = tr["jax_img_s"], tr.get("torch_img_s")
+      model_gflop = tr["model_gflop_per_img"]
+      records.append({
+          "model": tr["model"], "dtype": tr["dtype"], "batch": tr["batch"],
           "conv_backend": "xla", "xla_variant": v["variant"], "xla_flags": v["xla_flags"],
           "jax_img_s": jax_img_s, "torch_img_s": torch_img_s,
           "ratio": jax_img_s / torch_img_s if torch_img_s else None,
           "peak_gflops": peak,
-          "jax_mfu": jr["jax_gflops"] / peak if peak else None,
+          "jax_mfu": tr["jax_gflops"] / peak if peak else None,
           "jax_mfu_model": jax_img_s * model_gflop / peak if peak else None,
-          "torch_mfu_model": (torch_img_s * model_gflop / peak
-                              if peak and torch_img_s else None),
-          "params_match": (tr["torch_params"] == jr["params"]) if tr else None,
-          **{k: val for k, val in jr.items() if k not in ("model", "dtype", "batch", "load_avg")},
-          **{k: val for k, val in tr.items() if k not in ("model", "dtype", "batch", "load_avg")},
-          "jax_load_avg": jr.get("load_avg"), "torch_load_avg": tr.get("load_avg"),
+          "torch_mfu_model": torch_img_s * model_gflop / peak if peak and torch_img_s else None,
+          "params_match": (tr["torch_params"] == tr["params"]) if torch_img_s else None,
+          **{k: val for k, val in tr.items() if k not in ("model", "dtype", "batch")},
           "device_kind": v.get("device_kind"),
           "cpu_model": env["cpu_model"], "isa_flags": dict(env["isa_flags"]),
-      }
-      records.append(rec)
+      })
   return records
 
 
@@ -700,9 +741,9 @@ def to_markdown(results: Mapping[str, Any]) -> str:
       "",
       "## Train step",
       "",
-      "| model | dtype | batch | XLA flags | JAX img/s | trace + compile s | PyTorch img/s | JAX / PyTorch "
-      "| GFLOP/img XLA / model | JAX GFLOP/s | MFU JAX (XLA count) | MFU JAX / PyTorch (model) "
-      "| TV share JAX / PyTorch |",
+      "| model | dtype | batch | XLA flags | JAX img/s | trace + compile s | PyTorch img/s "
+      "| JAX / PyTorch | GFLOP/img XLA / model | JAX GFLOP/s | MFU JAX (XLA count) "
+      "| MFU JAX / PyTorch (model) | TV share JAX / PyTorch |",
       "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in results["records"]:
@@ -829,21 +870,24 @@ def main(argv: Sequence[str] | None = None) -> int:
          "other work will slow both frameworks unevenly")
   errors: list[str] = []
   notes: list[str] = []
+  isa = env["isa_flags"]
+  if "bfloat16" in plan.dtypes and not (isa["avx512_bf16"] or isa["amx_bf16"]):
+    notes.append("bfloat16 on a CPU without avx512_bf16/amx_bf16 is emulated: PyTorch's bf16 "
+                 "matmul ran near 1 GFLOP/s on an AVX2 EPYC, so expect minutes per measurement")
+    _log(notes[-1])
   with tempfile.TemporaryDirectory(prefix="tvunet_benchmark_") as workdir:
     plan.volume_path = write_volume(plan, workdir)
     pipeline: dict[str, Any] = {}
     if not args.no_pipeline:
       _log("input pipeline")
       pipeline = pipeline_part(plan, workdir)
-    torch_res: dict[str, Any] = {"error": "skipped (--no_torch)"}
-    if plan.torch:
-      torch_res = torch_part(plan)
-    if "error" in torch_res:
-      notes.append(f"PyTorch peer not measured: {torch_res['error']}")
     variants = [spawn_variant(v, plan, workdir) for v in plan.variants]
   errors += [f"variant {v['variant']}: {v['error']}" for v in variants if "error" in v]
   ok = [v for v in variants if "error" not in v]
-  records = make_records(env, variants, torch_res)
+  torch_info = ok[0]["torch"] if ok else {}
+  if "error" in torch_info:
+    notes.append(f"PyTorch peer not measured: {torch_info['error']}")
+  records = make_records(env, variants)
   inference = [{**r, "xla_variant": v["variant"]} for v in ok for r in v["inference"]]
   plan_dict = dataclasses.asdict(plan)
   plan_dict.pop("volume_path")
@@ -861,13 +905,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       "plan": plan_dict,
       "xla_variants": {v: XLA_VARIANTS[v] for v in plan.variants},
       "flop_count_model": MODEL_FLOPS_NOTE,
-      "matmul_gflops": peak_gflops(ok, torch_res),
+      "matmul_gflops": peak_gflops(ok),
       "records": records,
       "inference": inference,
       "input_pipeline": pipeline,
-      "torch": {k: v for k, v in torch_res.items() if k != "train"},
-      "peak_rss_mb": {"parent (PyTorch, input pipeline)": peak_rss_mb(),
-                      **{f"JAX child ({v['variant']})": v["peak_rss_mb"] for v in ok}},
+      "torch": torch_info,
+      "peak_rss_mb": {"parent (input pipeline)": peak_rss_mb(),
+                      **{f"child {v['variant']} (JAX + PyTorch)": v["peak_rss_mb"] for v in ok}},
       "errors": errors,
       "notes": notes,
   }

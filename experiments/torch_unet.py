@@ -8,9 +8,10 @@ converted to or from the Flax parameter tree.
 
 Network (as `tvunet_jax.models.UNet`): `depth` down blocks of widths base * 2**l and a bottleneck of
 width base * 2**depth; each block is two [3x3 conv with bias -> BatchNorm (eps 1e-3, momentum 0.01,
-i.e. Keras/flax 0.99) -> ReLU]; 2x2 max-pool then dropout after every down block; up-sampling by
-`ConvTranspose2d(3, stride 2, padding 1, output_padding 1)` with bias, concatenated as
-[upsampled, skip] and followed by dropout and a block; a 1x1 head returning logits. The trainable
+i.e. Keras/flax 0.99; the benchmark passes 1 - the config's `bn_momentum`) -> ReLU]; 2x2 max-pool
+then dropout after every down block; up-sampling by `ConvTranspose2d(3, stride 2, padding 1,
+output_padding 1)` with bias, concatenated as [upsampled, skip] and followed by dropout and a
+block; a 1x1 head returning logits. The trainable
 parameter count equals the Flax model's (tests/test_benchmark.py checks it).
 
 Loss: mean BCE on logits + tv_weight * anisotropic TV of the sigmoid with the authors' 'mean'
@@ -31,7 +32,7 @@ BN_MOMENTUM = 0.01  # PyTorch weights the new batch by momentum: 1 - 0.99 of Ker
 
 
 def set_threads() -> int:
-  """Uses every core for intra-op parallelism (PyTorch's default may be fewer); returns the count."""
+  """Uses every core for intra-op threads (PyTorch's default may use fewer); returns the count."""
   torch.set_num_threads(os.cpu_count() or 1)
   return torch.get_num_threads()
 
@@ -39,13 +40,13 @@ def set_threads() -> int:
 class ConvBlock(nn.Sequential):
   """Two [3x3 conv 'same' with bias -> BatchNorm -> ReLU]: (B, Cin, H, W) -> (B, Cout, H, W)."""
 
-  def __init__(self, in_channels: int, out_channels: int):
+  def __init__(self, in_channels: int, out_channels: int, bn_momentum: float = BN_MOMENTUM):
     layers = []
     for i in range(2):
       layers += [
           nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1,
                     bias=True),
-          nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM),
+          nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=bn_momentum),
           nn.ReLU(inplace=True),
       ]
     super().__init__(*layers)
@@ -60,10 +61,11 @@ class TorchUNet(nn.Module):
     dropout: rate after each pool and each skip concatenation.
     num_outputs: logit channels.
     in_channels: input channels (1 for CT).
+    bn_momentum: PyTorch's BatchNorm momentum, 1 - the flax/Keras one (0.01 = Keras' 0.99).
   """
 
   def __init__(self, base: int = 64, depth: int = 4, dropout: float = 0.2, num_outputs: int = 1,
-               in_channels: int = 1):
+               in_channels: int = 1, bn_momentum: float = BN_MOMENTUM):
     super().__init__()
     if depth < 1 or base < 1 or num_outputs < 1:
       raise ValueError(f"TorchUNet: depth, base and num_outputs must be >= 1, got depth={depth}, "
@@ -73,15 +75,15 @@ class TorchUNet(nn.Module):
     self.down = nn.ModuleList()
     cin = in_channels
     for level in range(depth):
-      self.down.append(ConvBlock(cin, widths[level]))
+      self.down.append(ConvBlock(cin, widths[level], bn_momentum))
       cin = widths[level]
-    self.bottleneck = ConvBlock(widths[depth - 1], widths[depth])
+    self.bottleneck = ConvBlock(widths[depth - 1], widths[depth], bn_momentum)
     self.upsample = nn.ModuleList()
     self.up = nn.ModuleList()
     for level in reversed(range(depth)):
       self.upsample.append(nn.ConvTranspose2d(widths[level + 1], widths[level], 3, stride=2,
                                               padding=1, output_padding=1, bias=True))
-      self.up.append(ConvBlock(2 * widths[level], widths[level]))
+      self.up.append(ConvBlock(2 * widths[level], widths[level], bn_momentum))
     self.head = nn.Conv2d(base, num_outputs, 1)
     self.pool = nn.MaxPool2d(2)
     self.drop = nn.Dropout(dropout)
