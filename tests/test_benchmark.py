@@ -1,0 +1,251 @@
+"""experiments/benchmark.py and its PyTorch peer: parity with the Flax model and the result format.
+
+No timed run here: the PyTorch network has the Flax network's parameter count, its loss and TV the
+numbers of `tvunet_jax.losses`, the analytic FLOP count matches a hand count, and the JSON records
+carry the fields the issue asks for.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import benchmark
+from tvunet_jax import losses
+from tvunet_jax import models
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse avx2 fma avx512f avx512_bf16 amx_tile amx_bf16
+processor\t: 1
+model name\t: something else
+flags\t\t: fpu
+"""
+
+
+def _flax_counts(base, depth, num_outputs):
+  model = models.UNet(base=base, depth=depth, num_outputs=num_outputs)
+  v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)),
+                                        train=False))
+  return models.count_params(v["params"]), models.count_params(v["batch_stats"]), v["params"]
+
+
+@pytest.mark.parametrize("name", ["paper", "demo"])
+def test_torch_peer_has_the_flax_parameter_count(name):
+  torch = pytest.importorskip("torch")
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  m = benchmark.model_config(name).model
+  flax_params, flax_stats, _ = _flax_counts(m.base, m.depth, m.num_outputs)
+  with torch.device("meta"):  # shapes only: the paper net's 31M weights are never allocated
+    net = torch_unet.TorchUNet(m.base, m.depth, m.dropout, m.num_outputs)
+  assert torch_unet.count_params(net) == (flax_params, flax_stats)
+
+
+def test_torch_peer_matches_the_paper_preset():
+  """The authors' 2-channel head gives Keras' 34,535,810 total variables (models.py docstring)."""
+  torch = pytest.importorskip("torch")
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  with torch.device("meta"):
+    net = torch_unet.TorchUNet(base=64, depth=4, num_outputs=2)
+  assert sum(torch_unet.count_params(net)) == 34_535_810
+
+
+def test_torch_tv_and_loss_equal_the_jax_ones():
+  torch = pytest.importorskip("torch")
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7, 2)).astype(np.float32)  # (B, H, W, C)
+  labels = (rng.random((2, 5, 7, 2)) < 0.3).astype(np.float32)
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+  probs = 1 / (1 + np.exp(-logits))
+
+  # TV value and gradient with respect to the probabilities.
+  p_t = nchw(probs).requires_grad_(True)
+  tv_t = torch_unet.anisotropic_tv(p_t)
+  tv_t.backward()
+  tv_j, g_j = jax.value_and_grad(lambda p: losses.anisotropic_tv(p, "mean"))(probs)
+  np.testing.assert_allclose(float(tv_t.detach()), float(tv_j), rtol=1e-6)
+  np.testing.assert_allclose(p_t.grad.numpy().transpose(0, 2, 3, 1), g_j, rtol=1e-5, atol=1e-8)
+
+  # The whole loss against losses.total_loss with no Dice term.
+  loss_t = torch_unet.tv_bce_loss(nchw(logits), nchw(labels), tv_weight=0.7)
+  loss_j, _ = losses.total_loss(logits, labels, tv_weight=0.7, tv_reduction="mean",
+                                dice_weight=0.0)
+  np.testing.assert_allclose(float(loss_t), float(loss_j), rtol=1e-6)
+
+
+def test_torch_tv_hand_value():
+  torch = pytest.importorskip("torch")
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  p = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])[None, None]
+  # Vertical |differences|: rows 0->1: 0,1,0; rows 1->2: 1,1,1 -> mean 4/6.
+  # Horizontal: row 0: 1,1; row 1: 0,0; row 2: 0,0 -> mean 2/6.
+  assert float(torch_unet.anisotropic_tv(p)) == pytest.approx(1.0)
+
+
+def test_torch_forward_shape_and_bad_input():
+  torch = pytest.importorskip("torch")
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  net = torch_unet.TorchUNet(base=2, depth=2, num_outputs=3).to(memory_format=torch.channels_last)
+  x = torch.zeros(2, 1, 16, 12).contiguous(memory_format=torch.channels_last)
+  assert tuple(net(x).shape) == (2, 3, 16, 12)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    net(torch.zeros(1, 1, 10, 12))
+
+
+def test_unet_forward_flops_hand_count():
+  _, _, params = _flax_counts(base=2, depth=1, num_outputs=1)
+  # 4x4 input; 2 FLOPs per multiply-add; kernel (kh, kw, Cin, Cout) at the module's resolution.
+  hand = (2 * 16 * 9 * 1 * 2 + 2 * 16 * 9 * 2 * 2  # down_0 at 4x4
+          + 2 * 4 * 9 * 2 * 4 + 2 * 4 * 9 * 4 * 4  # bottleneck at 2x2
+          + 2 * 4 * 9 * 4 * 2  # upsample_0: 9 taps per input pixel of the 2x2 level
+          + 2 * 16 * 9 * 4 * 2 + 2 * 16 * 9 * 2 * 2  # up_0 at 4x4 (input: 2 + 2 channels)
+          + 2 * 16 * 1 * 2 * 1)  # head
+  assert hand == 7552
+  assert benchmark.unet_forward_flops(params, (4, 4), depth=1) == hand
+  with pytest.raises(ValueError, match="unknown module 'extra'"):
+    benchmark.unet_forward_flops({**params, "extra": {}}, (4, 4), depth=1)
+
+
+def test_unet_forward_flops_equals_a_torch_hook_count():
+  """Same count from the PyTorch peer's layers as they run (independent of the Flax tree)."""
+  torch = pytest.importorskip("torch")
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  net = torch_unet.TorchUNet(base=4, depth=3, num_outputs=1).eval()
+  counted = []
+
+  def hook(module, inputs, output):
+    kh, kw = module.kernel_size
+    cin, cout = module.in_channels, module.out_channels
+    # A conv costs per output pixel; a transposed conv per input pixel (all taps once).
+    h, w = (output if isinstance(module, torch.nn.Conv2d) else inputs[0]).shape[2:]
+    counted.append(2 * h * w * kh * kw * cin * cout)
+
+  for mod in net.modules():
+    if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+      mod.register_forward_hook(hook)
+  with torch.no_grad():
+    net(torch.zeros(1, 1, 32, 24))
+  _, _, params = _flax_counts(base=4, depth=3, num_outputs=1)
+  assert benchmark.unet_forward_flops(params, (32, 24), depth=3) == sum(counted)
+
+
+def test_cpu_info_reads_model_and_isa_flags():
+  info = benchmark.cpu_info(_CPUINFO)
+  assert info["cpu_model"] == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+  isa = info["isa_flags"]
+  assert isa["avx512f"] and isa["avx512_bf16"] and isa["amx_tile"] and isa["avx2"]
+  assert not isa["avx512_vnni"] and not isa["amx_int8"]
+  assert set(isa) == set(benchmark.ISA_FLAGS) and info["cores"] >= 1
+
+
+def test_plan_quick_and_bad_names():
+  plan = benchmark.make_plan(True)
+  assert (plan.models, plan.batches, plan.warmup, plan.steps, plan.variants) == (
+      ["demo"], [4], 1, 3, ["default"])
+  full = benchmark.make_plan(False)
+  assert full.models == ["paper", "demo"] and full.batches == [8, 16] and full.steps >= 5
+  assert full.variants == ["default", "ynn"] and full.volume_size == 512
+  assert full.volume_slices >= 20
+  with pytest.raises(ValueError, match=r"unknown models \['resnet'\]"):
+    benchmark.make_plan(True, models=["resnet"])
+  with pytest.raises(ValueError, match="steps must be >= 1"):
+    benchmark.make_plan(True, steps=0)
+
+
+def test_child_xla_flags(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=/x")
+  assert benchmark._child_xla_flags("default") == "--xla_dump_to=/x"
+  assert benchmark._child_xla_flags("ynn") == (
+      "--xla_dump_to=/x --xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce")
+
+
+def _fake_variant(name, jax_img_s, torch_img_s, matmul):
+  train_rec = {"model": "paper", "dtype": "float32", "batch": 8, "params": 100,
+               "jax_img_s": jax_img_s, "jax_gflops": jax_img_s * 80.0,
+               "model_gflop_per_img": 60.0, "xla_gflop_per_img": 80.0, "jax_trace_s": 0.5,
+               "jax_compile_s": 2.5, "jax_tv_share": 0.01, "load_avg": [0.5, 0.5, 0.5],
+               "torch_params": 100, "torch_img_s": torch_img_s, "torch_tv_share": 0.05}
+  return {"variant": name, "xla_flags": benchmark.XLA_VARIANTS[name], "device_kind": "cpu",
+          "torch": {"threads": 2}, "matmul_gflops": {"float32": matmul}, "train": [train_rec],
+          "inference": [{"model": "paper", "volume_shape": [512, 512, 24], "batch_size": 8,
+                         "slices_s_volume": 3.0, "slices_s_network": 4.0, "first_call_s": 9.0}],
+          "peak_rss_mb": 1000.0}
+
+
+def test_records_and_markdown_on_a_fake_result():
+  env = {"cpu_model": "Fake CPU", "cores": 2, "isa_flags": {f: False for f in benchmark.ISA_FLAGS},
+         "commit": "abc", "dirty": False, "versions": {"jax": "0.10.2"},
+         "load_avg_start": [0.1, 0.2, 0.3]}
+  variants = [_fake_variant("default", 1.0, 2.5, {"jax": 200.0, "torch": 250.0}),
+              _fake_variant("ynn", 2.0, 2.4, {"jax": 180.0, "torch": 240.0}),
+              {"variant": "broken", "error": "exit code 1"}]
+  records = benchmark.make_records(env, variants)
+  assert len(records) == 2  # the failed variant adds none
+  for r in records:
+    assert set(benchmark.RECORD_FIELDS) <= set(r)
+    assert r["conv_backend"] == "xla" and r["cpu_model"] == "Fake CPU"
+    assert r["peak_gflops"] == 250.0  # the max of all matmuls of the run
+    assert r["params_match"] is True
+  default, ynn = records
+  assert default["xla_variant"] == "default" and ynn["xla_variant"] == "ynn"
+  # Each record's ratio uses the PyTorch steps timed beside its own JAX steps.
+  assert default["ratio"] == pytest.approx(1.0 / 2.5) and ynn["ratio"] == pytest.approx(2.0 / 2.4)
+  assert default["jax_mfu"] == pytest.approx(80.0 / 250.0)
+  assert ynn["jax_mfu_model"] == pytest.approx(2.0 * 60.0 / 250.0)
+  assert ynn["torch_mfu_model"] == pytest.approx(2.4 * 60.0 / 250.0)
+
+  # Without PyTorch the JAX numbers stay and the comparison fields are empty.
+  alone = _fake_variant("default", 1.0, None, {"jax": 200.0})
+  rec = benchmark.make_records(env, [alone])[0]
+  assert rec["torch_img_s"] is None and rec["ratio"] is None and rec["params_match"] is None
+  assert rec["peak_gflops"] == 200.0
+
+  results = {
+      "command": "python -m experiments.benchmark", "mode": "full",
+      "started_utc": "2026-01-01T00:00:00+00:00", "duration_s": 900.0, "environment": env,
+      "load_avg_end": [0.4, 0.4, 0.4], "device_kind": "cpu",
+      "plan": {"steps": 5, "warmup": 1, "matmul_n": 4096},
+      "matmul_gflops": benchmark.peak_gflops(variants[:2]), "records": records,
+      "inference": [{**r, "xla_variant": v["variant"]} for v in variants[:2]
+                    for r in v["inference"]],
+      "input_pipeline": {"batch": 8, "dataset_slices": 90, "slices_s": {"plain": 400.0}},
+      "torch": {"threads": 2}, "peak_rss_mb": {"parent": 800.0}, "errors": ["variant broken"],
+  }
+  assert results["matmul_gflops"]["float32"] == {
+      "jax_default": 200.0, "torch_default": 250.0, "jax_ynn": 180.0, "torch_ynn": 240.0,
+      "peak": 250.0}
+  json.dumps(results)  # every field is JSON-able
+  md = benchmark.to_markdown(results)
+  assert "| paper | float32 | 8 | ynn | 2.00 | 3.0 | 2.40 | 0.83 |" in md
+  assert "| float32 | 200.0 | 250.0 | 180.0 | 240.0 | 250.0 |" in md
+  assert "| paper | default | 512x512x24 | 8 | 3.00 | 4.00 | 9.0 |" in md
+  assert "Fake CPU" in md and "## Errors" in md and "900 s" in md
+
+
+def test_md_path():
+  assert benchmark._md_path("out/results.json") == "out/results.md"
+  assert benchmark._md_path("out/results") == "out/results.md"
+  assert math.isnan(benchmark._xla_flops(_FakeCompiled()))
+
+
+class _FakeCompiled:
+
+  def cost_analysis(self):
+    return [{}]
+
+
+def test_torch_batchnorm_follows_keras_or_the_config():
+  torch = pytest.importorskip("torch")
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  bns = lambda net: [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  keras = torch_unet.TorchUNet(base=2, depth=1)
+  assert len(bns(keras)) == 6  # two per block: down_0, bottleneck, up_0
+  assert all(m.eps == 1e-3 and m.momentum == pytest.approx(0.01) for m in bns(keras))
+  demo = benchmark.model_config("demo").model
+  net = torch_unet.TorchUNet(base=2, depth=1, bn_momentum=1.0 - demo.bn_momentum)
+  assert all(m.momentum == pytest.approx(1.0 - demo.bn_momentum) for m in bns(net))
