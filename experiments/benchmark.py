@@ -216,6 +216,49 @@ def environment() -> dict[str, Any]:
   }
 
 
+def busy_cpu_seconds(proc_stat_text: str, ticks_per_s: float) -> float:
+  """CPU-seconds all CPUs spent busy since boot, from /proc/stat's first ('cpu ') line.
+
+  Busy = user + nice + system + irq + softirq + steal (time a hypervisor gave to other guests
+  counts: it is contention too); idle and iowait are not.
+  """
+  fields = proc_stat_text.splitlines()[0].split()
+  if fields[0] != "cpu":
+    raise ValueError(f"/proc/stat: first line is not the 'cpu' total: {fields[:3]}")
+  user, nice, system, _, _, irq, softirq, steal = (int(v) for v in fields[1:9])
+  return (user + nice + system + irq + softirq + steal) / ticks_per_s
+
+
+class ForeignLoad:
+  """Share of the machine's CPU time used by *other* processes while a block runs (Linux).
+
+  The load average counts this benchmark's own threads and says nothing about one interval;
+  this compares the machine's busy time with this process's own CPU time over the block:
+  (busy - own) / (wall x cores). 0 means the measurement had the machine to itself.
+  """
+
+  def __enter__(self) -> "ForeignLoad":
+    self.share = None
+    self._start = self._read()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    end = self._read()
+    if self._start and end:
+      busy, own, wall = (e - s for e, s in zip(end, self._start))
+      self.share = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))) if wall > 0 else None
+
+  @staticmethod
+  def _read() -> tuple[float, float, float] | None:
+    try:
+      with open("/proc/stat") as f:
+        busy = busy_cpu_seconds(f.read(), os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
+      return None
+    t = os.times()
+    return busy, t.user + t.system, time.monotonic()
+
+
 def peak_rss_mb() -> float:
   """Peak resident memory of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -456,12 +499,14 @@ def measure_train(model_name: str, batch: int, dtype: str, plan: Plan, with_torc
     if tr:
       tr()
   jax_times, torch_times = [], []
-  for _ in range(plan.steps):
-    jax_times.append(_seconds(jx))
-    if tr:
-      torch_times.append(_seconds(tr))
+  with ForeignLoad() as foreign:
+    for _ in range(plan.steps):
+      jax_times.append(_seconds(jx))
+      if tr:
+        torch_times.append(_seconds(tr))
   record = jx.summary(jax_times)
   record.update(tr.summary(torch_times) if tr else {"torch_img_s": None})
+  record["foreign_cpu_share"] = foreign.share
   record["load_avg"] = list(os.getloadavg())
   record["rss_mb_after"] = peak_rss_mb()
   return record, jx
@@ -480,12 +525,14 @@ def matmul_gflops(n: int, dtype: str, reps: int, with_torch: bool) -> dict[str, 
     ta, tb = (torch.from_numpy(np.array(m, np.float32)).to(getattr(torch, dtype)) for m in (a, b))
     calls["torch"] = lambda: torch.mm(ta, tb)
   times: dict[str, list[float]] = {k: [] for k in calls}
-  for i in range(1 + reps):  # the first round warms up
-    for k, fn in calls.items():
-      dt = _seconds(fn)
-      if i:
-        times[k].append(dt)
-  return {k: 2.0 * n**3 / _median(v) / 1e9 for k, v in times.items()}
+  with ForeignLoad() as foreign:
+    for i in range(1 + reps):  # the first round warms up
+      for k, fn in calls.items():
+        dt = _seconds(fn)
+        if i:
+          times[k].append(dt)
+  return {**{k: 2.0 * n**3 / _median(v) / 1e9 for k, v in times.items()},
+          "foreign_cpu_share": foreign.share}
 
 
 def jax_inference(model_name: str, model: Any, variables: Any, plan: Plan) -> dict[str, Any]:
@@ -502,15 +549,16 @@ def jax_inference(model_name: str, model: Any, variables: Any, plan: Plan) -> di
   t0 = time.perf_counter()
   seg = run()  # compiles
   first_s = time.perf_counter() - t0
-  volume_s = _timed(run, 0, plan.infer_reps)
   x = predict.network_inputs(np.moveaxis(seg.display_hu, 2, 0), contract)  # (Z, 128, 128)
-  network_s = _timed(lambda: predictor(x), 0, plan.infer_reps)
+  with ForeignLoad() as foreign:
+    volume_s = _timed(run, 0, plan.infer_reps)
+    network_s = _timed(lambda: predictor(x), 0, plan.infer_reps)
   z = x.shape[0]
   return {"model": model_name, "volume_shape": list(seg.file_shape),
           "batch_size": predictor.batch_size, "first_call_s": first_s,
           "volume_s": volume_s, "slices_s_volume": z / _median(volume_s),
           "network_s": network_s, "slices_s_network": z / _median(network_s),
-          "rss_mb_after": peak_rss_mb()}
+          "foreign_cpu_share": foreign.share, "rss_mb_after": peak_rss_mb()}
 
 
 def _torch_status(plan: Plan) -> dict[str, Any]:
@@ -539,10 +587,11 @@ def run_variant(name: str, plan: Plan) -> dict[str, Any]:
       "inference": [],
   }
   for dtype in plan.dtypes:
-    out["matmul_gflops"][dtype] = matmul_gflops(plan.matmul_n, dtype, plan.matmul_reps,
-                                                with_torch)
-    _log(f"{name}: matmul {dtype} GFLOP/s " + ", ".join(
-        f"{k} {v:.1f}" for k, v in out["matmul_gflops"][dtype].items()))
+    gflops = matmul_gflops(plan.matmul_n, dtype, plan.matmul_reps, with_torch)
+    out.setdefault("matmul_foreign_cpu_share", {})[dtype] = gflops.pop("foreign_cpu_share")
+    out["matmul_gflops"][dtype] = gflops
+    _log(f"{name}: matmul {dtype} GFLOP/s " + ", ".join(f"{k} {v:.1f}" for k, v in gflops.items())
+         + f"; other processes used {_pct(out['matmul_foreign_cpu_share'][dtype])} of the CPU")
   for model_name in plan.models:
     kept = None
     for dtype in plan.dtypes:
@@ -552,7 +601,8 @@ def run_variant(name: str, plan: Plan) -> dict[str, Any]:
         if kept is None:
           kept = (jx.model, jx.variables())
         _log(f"{name}: {model_name} {dtype} b{batch}: JAX {rec['jax_img_s']:.2f} img/s (compile "
-             f"{rec['jax_compile_s']:.1f} s), PyTorch {_fmt(rec['torch_img_s'])} img/s")
+             f"{rec['jax_compile_s']:.1f} s), PyTorch {_fmt(rec['torch_img_s'])} img/s; other "
+             f"processes used {_pct(rec['foreign_cpu_share'])} of the CPU")
         del jx
     if plan.volume_path:
       inf = jax_inference(model_name, *kept, plan)
@@ -743,8 +793,8 @@ def to_markdown(results: Mapping[str, Any]) -> str:
       "",
       "| model | dtype | batch | XLA flags | JAX img/s | trace + compile s | PyTorch img/s "
       "| JAX / PyTorch | GFLOP/img XLA / model | JAX GFLOP/s | MFU JAX (XLA count) "
-      "| MFU JAX / PyTorch (model) | TV share JAX / PyTorch |",
-      "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "| MFU JAX / PyTorch (model) | TV share JAX / PyTorch | other processes' CPU |",
+      "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in results["records"]:
     lines.append(
@@ -754,22 +804,28 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         f"| {_fmt(r.get('xla_gflop_per_img'), 1)} / {_fmt(r.get('model_gflop_per_img'), 1)} "
         f"| {_fmt(r.get('jax_gflops'), 1)} | {_pct(r.get('jax_mfu'))} "
         f"| {_pct(r.get('jax_mfu_model'))} / {_pct(r.get('torch_mfu_model'))} "
-        f"| {_pct(r.get('jax_tv_share'))} / {_pct(r.get('torch_tv_share'))} |")
+        f"| {_pct(r.get('jax_tv_share'))} / {_pct(r.get('torch_tv_share'))} "
+        f"| {_pct(r.get('foreign_cpu_share'))} |")
   lines += ["", f"Matmul peak ({plan['matmul_n']}x{plan['matmul_n']}, GFLOP/s):", "",
             "| dtype | " + " | ".join(_peak_columns(results)) + " |",
             "|---|" + "---:|" * len(_peak_columns(results))]
   for dtype, table in results["matmul_gflops"].items():
     lines.append(f"| {dtype} | " + " | ".join(
         _fmt(table.get(c), 1) for c in _peak_columns(results)) + " |")
+  foreign = results.get("matmul_foreign_cpu_share") or {}
+  if foreign:
+    lines += ["", "Other processes' share of the CPU during the matmuls: " + ", ".join(
+        f"{v} {dtype} {_pct(share)}" for v, table in foreign.items()
+        for dtype, share in (table or {}).items()) + "."]
   if results["inference"]:
     lines += ["", "## Inference (`predict.segment_volume` on a phantom volume)", "",
               "| model | XLA flags | volume | batch | slices/s end to end | slices/s network "
-              "| first call s |", "|---|---|---|---:|---:|---:|---:|"]
+              "| first call s | other processes' CPU |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in results["inference"]:
       lines.append(
           f"| {r['model']} | {r['xla_variant']} | {'x'.join(map(str, r['volume_shape']))} "
           f"| {r['batch_size']} | {_fmt(r['slices_s_volume'])} | {_fmt(r['slices_s_network'])} "
-          f"| {_fmt(r['first_call_s'], 1)} |")
+          f"| {_fmt(r['first_call_s'], 1)} | {_pct(r.get('foreign_cpu_share'))} |")
   pipe = results.get("input_pipeline", {})
   if pipe.get("slices_s"):
     lines += ["", f"## Input pipeline (one thread pinned to one CPU, batch {pipe['batch']}, "
@@ -893,8 +949,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   plan_dict.pop("volume_path")
   results = {
       "schema": SCHEMA_VERSION,
-      "command": "python -m experiments.benchmark " + " ".join(
-          sys.argv[1:] if argv is None else argv),
+      "command": " ".join(["python -m experiments.benchmark",
+                           *(sys.argv[1:] if argv is None else argv)]),
       "mode": plan.mode,
       "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
           timespec="seconds"),
@@ -906,6 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       "xla_variants": {v: XLA_VARIANTS[v] for v in plan.variants},
       "flop_count_model": MODEL_FLOPS_NOTE,
       "matmul_gflops": peak_gflops(ok),
+      "matmul_foreign_cpu_share": {v["variant"]: v.get("matmul_foreign_cpu_share") for v in ok},
       "records": records,
       "inference": inference,
       "input_pipeline": pipeline,

@@ -227,6 +227,17 @@ def test_records_and_markdown_on_a_fake_result():
   assert "Fake CPU" in md and "## Errors" in md and "900 s" in md
 
 
+def test_busy_cpu_seconds_and_foreign_load():
+  # user nice system idle iowait irq softirq steal guest guest_nice, in ticks of 1/100 s.
+  stat = "cpu  100 20 30 1000 50 5 5 40 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n"
+  assert benchmark.busy_cpu_seconds(stat, 100) == pytest.approx((100 + 20 + 30 + 5 + 5 + 40) / 100)
+  with pytest.raises(ValueError, match="not the 'cpu' total"):
+    benchmark.busy_cpu_seconds("intr 1 2 3 4 5 6 7 8 9\n", 100)
+  with benchmark.ForeignLoad() as foreign:
+    sum(i * i for i in range(200_000))  # some CPU time of our own
+  assert foreign.share is None or 0.0 <= foreign.share <= 1.0
+
+
 def test_md_path():
   assert benchmark._md_path("out/results.json") == "out/results.md"
   assert benchmark._md_path("out/results") == "out/results.md"
