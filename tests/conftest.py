@@ -31,12 +31,17 @@ def tiny_data(tmp_path_factory):
   return manual_dir, data_dir
 
 
-@pytest.fixture
-def tiny_config(tiny_data):
-  """The tiny config pointed at the session's prebuilt data (unlocked for per-test edits)."""
+def tiny_config_for(tiny_data):
+  """The tiny config pointed at prebuilt (manual_dir, data_dir), unlocked for edits."""
   from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
   cfg = tiny.get_config()
   cfg.unlock()
   cfg.data.manual_dir, cfg.data.data_dir = tiny_data
   cfg.data.generate_phantom = False
   return cfg
+
+
+@pytest.fixture
+def tiny_config(tiny_data):
+  """The tiny config pointed at the session's prebuilt data (unlocked for per-test edits)."""
+  return tiny_config_for(tiny_data)

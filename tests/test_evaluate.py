@@ -38,12 +38,9 @@ class OracleModel:
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
   """A real 2-step tiny run (with its final test metrics) and a copy served by the oracle."""
-  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
+  from tests.conftest import tiny_config_for  # pylint: disable=g-import-not-at-top
   from tvunet_jax import train  # pylint: disable=g-import-not-at-top
-  cfg = tiny.get_config()
-  cfg.unlock()
-  cfg.data.manual_dir, cfg.data.data_dir = tiny_data
-  cfg.data.generate_phantom = False
+  cfg = tiny_config_for(tiny_data)
   cfg.train.num_steps = 2
   root = tmp_path_factory.mktemp("evaluate")
   real = str(root / "real")

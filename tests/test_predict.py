@@ -71,12 +71,9 @@ def _rotation(deg, axis):
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
   """A 2-step tiny run on the session's phantom (a real checkpoint with its contract)."""
-  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
+  from tests.conftest import tiny_config_for  # pylint: disable=g-import-not-at-top
   from tvunet_jax import train  # pylint: disable=g-import-not-at-top
-  cfg = tiny.get_config()
-  cfg.unlock()
-  cfg.data.manual_dir, cfg.data.data_dir = tiny_data
-  cfg.data.generate_phantom = False
+  cfg = tiny_config_for(tiny_data)
   cfg.data.test_split = ""
   cfg.train.num_steps = 2
   workdir = str(tmp_path_factory.mktemp("predict") / "run")
