@@ -23,15 +23,21 @@ each as the median of repeated timed runs after warm-up, every run synchronised
     step's shape), the input pipeline's slices/s on one core (`num_threads=1`, pinned to one CPU),
     inference slices/s on a 512x512 phantom volume (`predict.segment_volume`, end to end and
     network only) and the peak resident memory of each process;
-  * in full mode, every number twice: with XLA's default flags and with
-    `--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce` (see STACK.md). XLA reads
-    its flags once, when the backend starts, so each variant runs in a child process of this
-    command (which itself only writes the phantom data and times the input pipeline).
+  * in full mode, every number under four variants: XLA's convolutions with XLA's default flags
+    (`default`) and with `--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce`
+    (`ynn`, see STACK.md), and the oneDNN kernels of `tvunet_jax/kernels` under both (`onednn`,
+    `onednn_ynn`; they fall back to XLA, and say so in `conv_backend`, where the library is not
+    built). XLA reads its flags once, when the backend starts, so each variant runs in a child
+    process of this command (which itself only writes the phantom data and times the input
+    pipeline);
+  * the per-layer table of the paper model's convolutions (forward, input gradient, weight
+    gradient at batch 8) for the variant's backend and for PyTorch, with oneDNN's kernel names;
+    and inference of the PyTorch peer's network on the same slices (network-only ratio).
 
 `--quick` (CI smoke test, about 1 minute on 2 idle cores): demo model, batch 4, 1 warm-up + 3
-timed steps, default XLA flags, a 128x128x4 volume. The full run (paper + demo, batch 8 and 16, 1
-warm-up + 5 timed steps, both XLA variants, a 512x512x24 volume) takes about 20 minutes on 2 cores;
-the JSON records the duration. On a machine shared with other work, check `uptime` first: under
+timed steps, default XLA flags (plus the oneDNN kernels where built), a 128x128x4 volume. The full
+run (paper + demo, batch 8 and 16, 1 warm-up + 5 timed steps, four variants, a 512x512x100 volume)
+takes about an hour on 2 cores; `--batches 8` about half; the JSON records the duration. On a machine shared with other work, check `uptime` first: under
 load PyTorch's OpenMP threads slow down far more than XLA's (10x was seen), which flatters JAX.
 
 Loss in both frameworks: mean BCE + tv_weight * anisotropic TV ('mean' reduction) of the sigmoid,
@@ -74,6 +80,7 @@ from tvunet_jax import phantom
 from tvunet_jax import predict
 from tvunet_jax import sharding
 from tvunet_jax import train
+from tvunet_jax.kernels import conv
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join("experiments", "results", "benchmark.json")
@@ -85,10 +92,18 @@ MODEL_CONFIGS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     "demo": default_config.get_config,
 }
 # XLA_FLAGS per variant; see STACK.md, "Speed of a U-Net train step".
+YNN_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce"
 XLA_VARIANTS = {
     "default": "",
-    "ynn": "--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce",
+    "ynn": YNN_FLAGS,
+    "onednn": "",
+    "onednn_ynn": YNN_FLAGS,
 }
+# Who computes the convolutions in each variant (TVUNET_CONV_BACKEND of the child process); a
+# variant asking for oneDNN where the library is not built records what actually ran ('xla').
+CONV_BACKENDS = {"default": "xla", "ynn": "xla", "onednn": "onednn", "onednn_ynn": "onednn"}
+# The per-layer conv table is measured where each backend is at its best (it takes minutes).
+CONV_OPS_VARIANTS = ("ynn", "onednn")
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
              "amx_int8")
 DTYPES = ("float32", "bfloat16")
@@ -116,9 +131,10 @@ class Plan:
   matmul_n: int = 4096
   matmul_reps: int = 3
   volume_size: int = 512
-  volume_slices: int = 24
+  volume_slices: int = 100
   infer_batch: int = 8
-  infer_reps: int = 3
+  infer_reps: int = 2
+  conv_ops: bool = True  # the per-layer convolution table (forward, input grad, weight grad)
   pipeline_tr_slices: int = 64
   pipeline_batch: int = 8
   pipeline_batches: int = 25
@@ -133,11 +149,13 @@ def make_plan(quick: bool, *, models: Sequence[str] | None = None,
   if quick:
     plan = Plan(mode="quick", models=["demo"], batches=[4], dtypes=["float32"],
                 variants=["default"], warmup=1, steps=3, torch=torch, matmul_reps=2,
-                volume_size=128, volume_slices=4, infer_batch=4, infer_reps=1,
+                volume_size=128, volume_slices=4, infer_batch=4, infer_reps=1, conv_ops=False,
                 pipeline_tr_slices=16, pipeline_batch=4, pipeline_batches=5)
   else:
     plan = Plan(mode="full", models=["paper", "demo"], batches=[8, 16], dtypes=["float32"],
                 variants=list(XLA_VARIANTS), warmup=1, steps=5, torch=torch)
+  if quick and conv.available():  # the smoke run exercises the kernels where they are built
+    plan.variants = ["default", "onednn"]
   for name, value in (("models", models), ("batches", batches), ("dtypes", dtypes),
                       ("variants", variants)):
     if value:
@@ -561,6 +579,133 @@ def jax_inference(model_name: str, model: Any, variables: Any, plan: Plan) -> di
           "foreign_cpu_share": foreign.share, "rss_mb_after": peak_rss_mb()}
 
 
+def torch_inference(model_name: str, slices: int, plan: Plan) -> dict[str, Any]:
+  """Slices/s of the PyTorch peer's network alone (eval mode, inference_mode, channels_last) on
+  `slices` 128x128 inputs in batches of `plan.infer_batch`: the peer of JAX's network-only rate."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  m = model_config(model_name).model
+  net = torch_unet.TorchUNet(m.base, m.depth, m.dropout, m.num_outputs).to(
+      memory_format=torch.channels_last).eval()
+  x = torch.rand(slices, 1, IMAGE_SIZE, IMAGE_SIZE).contiguous(memory_format=torch.channels_last)
+
+  def run():
+    with torch.inference_mode():
+      for i in range(0, slices, plan.infer_batch):
+        torch.sigmoid(net(x[i:i + plan.infer_batch])[:, 0])
+
+  with ForeignLoad() as foreign:
+    times = _timed(run, 1, plan.infer_reps)
+  return {"torch_network_s": times, "torch_slices_s_network": slices / _median(times),
+          "torch_foreign_cpu_share": foreign.share}
+
+
+def conv_layers(batch: int = 8, base: int = 64, depth: int = 4, size: int = IMAGE_SIZE
+                ) -> list[dict[str, Any]]:
+  """The paper model's distinct convolutions: names, x (N, H, W, Ci), w (KH, KW, Ci, Co), pads.
+
+  Mirrors `models.UNet` (blocks of two 3x3 'SAME' convs, the sub-pixel up-sampling as a 2x2 conv
+  with pads (1, 0, 1, 0) to 4x the width, a 1x1 head); layers of equal shape are listed once.
+  """
+  out: dict[tuple, list[str]] = {}
+
+  def add(name, r, ci, co, k=3, pads=(1, 1, 1, 1)):
+    out.setdefault(((batch, r, r, ci), (k, k, ci, co), pads), []).append(name)
+
+  cin = 1
+  for level in range(depth):
+    r, c = size >> level, base << level
+    add(f"down_{level}.conv_0", r, cin, c)
+    add(f"down_{level}.conv_1", r, c, c)
+    cin = c
+  r, c = size >> depth, base << depth
+  add("bottleneck.conv_0", r, cin, c)
+  add("bottleneck.conv_1", r, c, c)
+  for level in reversed(range(depth)):
+    r, w = size >> level, base << level
+    add(f"upsample_{level}", r // 2, 2 * w, 4 * w, k=2, pads=(1, 0, 1, 0))
+    add(f"up_{level}.conv_0", r, 2 * w, w)
+    add(f"up_{level}.conv_1", r, w, w)
+  add("head", size, base, 2, k=1, pads=(0, 0, 0, 0))
+  return [{"layers": names, "x": list(x), "w": list(w), "pads": list(p)}
+          for (x, w, p), names in out.items()]
+
+
+def _torch_conv_ops(x_shape, w_shape, pads, upsample: bool) -> dict[str, float]:
+  """Median ms of PyTorch's forward, input grad and weight grad for one layer (channels_last).
+
+  For the up-sampling the peer's own layer is timed: ConvTranspose2d(3, stride 2, padding 1,
+  output_padding 1) from Ci to Co / 4 channels, which the sub-pixel conv computes.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  n, h, w_, ci = x_shape
+  kh, kw, _, co = w_shape
+  cl = torch.channels_last
+  x = torch.randn(n, ci, h, w_).contiguous(memory_format=cl)
+  if upsample:
+    weight = torch.randn(ci, co // 4, 3, 3).contiguous(memory_format=cl)
+    kwargs = dict(stride=[2, 2], padding=[1, 1], dilation=[1, 1], transposed=True,
+                  output_padding=[1, 1], groups=1)
+    y = torch.nn.functional.conv_transpose2d(x, weight, stride=2, padding=1, output_padding=1)
+  else:
+    weight = torch.randn(co, ci, kh, kw).contiguous(memory_format=cl)
+    kwargs = dict(stride=[1, 1], padding=[pads[0], pads[2]], dilation=[1, 1], transposed=False,
+                  output_padding=[0, 0], groups=1)
+    y = torch.nn.functional.conv2d(x, weight, padding=(pads[0], pads[2]))
+  dy = torch.randn_like(y).contiguous(memory_format=cl)
+  conv_bwd = torch.ops.aten.convolution_backward
+  ops = {
+      "forward": lambda: torch.ops.aten.convolution(x, weight, None, **kwargs),
+      "input_grad": lambda: conv_bwd(dy, x, weight, None, output_mask=[True, False, False],
+                                     **kwargs),
+      "weight_grad": lambda: conv_bwd(dy, x, weight, None, output_mask=[False, True, False],
+                                      **kwargs),
+  }
+  with torch.no_grad():
+    return {k: 1e3 * _median(_timed(f, 1, 3)) for k, f in ops.items()}
+
+
+def conv_op_table(backend: str, with_torch: bool, batch: int = 8) -> list[dict[str, Any]]:
+  """Per layer shape of the paper model: ms of forward, input grad and weight grad on `backend`
+  ('onednn': the kernels alone; 'xla': `lax.conv_general_dilated` and its linear transposes,
+  so no forward is recomputed), with PyTorch's at the same shapes when `with_torch`."""
+  rows = []
+  rng = np.random.default_rng(0)
+  for layer in conv_layers(batch):
+    pads = tuple(layer["pads"])
+    x = jnp.asarray(rng.standard_normal(layer["x"], np.float32))
+    w = jnp.asarray(rng.standard_normal(layer["w"], np.float32))
+    pad_pairs = ((pads[0], pads[1]), (pads[2], pads[3]))
+    f = lambda x, w: jax.lax.conv_general_dilated(  # pylint: disable=g-long-lambda
+        x, w, (1, 1), pad_pairs, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.jit(f)(x, w)
+    dy = jnp.asarray(rng.standard_normal(y.shape, np.float32))
+    if backend == "onednn":
+      ops = {k: jax.jit(fn) for k, fn in conv.onednn_ops(x, w, dy, pads).items()}
+      calls = {k: (lambda fn=fn: jax.block_until_ready(fn())) for k, fn in ops.items()}
+    else:
+      fwd = jax.jit(f)
+      dx = jax.jit(lambda dy: jax.linear_transpose(lambda x: f(x, w), x)(dy))
+      dw = jax.jit(lambda dy: jax.linear_transpose(lambda w: f(x, w), w)(dy))
+      calls = {"forward": lambda: jax.block_until_ready(fwd(x, w)),
+               "input_grad": lambda: jax.block_until_ready(dx(dy)),
+               "weight_grad": lambda: jax.block_until_ready(dw(dy))}
+    row = {**layer, "backend": backend,
+           "jax_ms": {k: 1e3 * _median(_timed(c, 1, 3)) for k, c in calls.items()}}
+    if backend == "onednn":
+      row["onednn_impl"] = {k: conv.impl_info(i, jnp.float32, layer["x"], layer["w"], pads)
+                            for i, k in enumerate(("forward", "input_grad", "weight_grad"))}
+    if with_torch:
+      row["torch_ms"] = _torch_conv_ops(layer["x"], layer["w"], pads,
+                                        upsample=layer["layers"][0].startswith("upsample"))
+    rows.append(row)
+    _log(f"  {'+'.join(layer['layers'])}: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in row["jax_ms"].items()) + " ms" + (
+            "; torch " + ", ".join(f"{v:.1f}" for v in row["torch_ms"].values())
+            if with_torch else ""))
+  return rows
+
+
 def _torch_status(plan: Plan) -> dict[str, Any]:
   """{"version", "threads", "memory_format"} after setting the threads, or {"error": why not}."""
   if not plan.torch:
@@ -582,6 +727,7 @@ def run_variant(name: str, plan: Plan) -> dict[str, Any]:
   with_torch = "error" not in torch_info
   out: dict[str, Any] = {
       "variant": name, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "conv_backend": conv.resolve("auto"), "onednn_version": conv.onednn_version(),
       "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "torch": torch_info, "matmul_gflops": {}, "train": [],
       "inference": [],
@@ -607,8 +753,14 @@ def run_variant(name: str, plan: Plan) -> dict[str, Any]:
     if plan.volume_path:
       inf = jax_inference(model_name, *kept, plan)
       inf["dtype"] = plan.dtypes[0]
+      if with_torch:
+        inf.update(torch_inference(model_name, plan.volume_slices, plan))
+        inf["ratio_network"] = inf["slices_s_network"] / inf["torch_slices_s_network"]
       out["inference"].append(inf)
       _log(f"{name}: inference {model_name}: {inf['slices_s_volume']:.2f} slices/s end to end")
+  if plan.conv_ops and name in CONV_OPS_VARIANTS:
+    _log(f"{name}: per-layer convolutions")
+    out["conv_ops"] = conv_op_table(out["conv_backend"], with_torch)
   out["peak_rss_mb"] = peak_rss_mb()
   return out
 
@@ -628,12 +780,14 @@ def spawn_variant(name: str, plan: Plan, workdir: str, timeout_s: float = 4 * 36
     json.dump(dataclasses.asdict(plan), f)
   env = dict(os.environ)
   env["XLA_FLAGS"] = _child_xla_flags(name)
+  env[conv.ENV_BACKEND] = CONV_BACKENDS[name]
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
   cmd = [sys.executable, "-m", "experiments.benchmark", "--variant", name, "--plan", plan_path,
          "--variant_out", out_path]
-  _log(f"variant {name}: XLA_FLAGS={env['XLA_FLAGS']!r}")
+  _log(f"variant {name}: XLA_FLAGS={env['XLA_FLAGS']!r}, "
+       f"{conv.ENV_BACKEND}={env[conv.ENV_BACKEND]}")
   try:
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout_s, check=False)
   except subprocess.TimeoutExpired:
@@ -744,11 +898,14 @@ def make_records(env: Mapping, variants: Sequence[Mapping]) -> list[dict]:
       model_gflop = tr["model_gflop_per_img"]
       records.append({
           "model": tr["model"], "dtype": tr["dtype"], "batch": tr["batch"],
-          "conv_backend": "xla", "xla_variant": v["variant"], "xla_flags": v["xla_flags"],
+          "conv_backend": v.get("conv_backend", "xla"), "xla_variant": v["variant"],
+          "xla_flags": v["xla_flags"],
           "jax_img_s": jax_img_s, "torch_img_s": torch_img_s,
           "ratio": jax_img_s / torch_img_s if torch_img_s else None,
           "peak_gflops": peak,
-          "jax_mfu": tr["jax_gflops"] / peak if peak else None,
+          # XLA's cost analysis does not see inside custom calls: no XLA count with oneDNN.
+          "jax_mfu": (tr["jax_gflops"] / peak if peak and v.get("conv_backend", "xla") == "xla"
+                      else None),
           "jax_mfu_model": jax_img_s * model_gflop / peak if peak else None,
           "torch_mfu_model": torch_img_s * model_gflop / peak if peak and torch_img_s else None,
           "params_match": (tr["torch_params"] == tr["params"]) if torch_img_s else None,
@@ -791,15 +948,15 @@ def to_markdown(results: Mapping[str, Any]) -> str:
       "",
       "## Train step",
       "",
-      "| model | dtype | batch | XLA flags | JAX img/s | trace + compile s | PyTorch img/s "
+      "| model | dtype | batch | variant | convs | JAX img/s | trace + compile s | PyTorch img/s "
       "| JAX / PyTorch | GFLOP/img XLA / model | JAX GFLOP/s | MFU JAX (XLA count) "
       "| MFU JAX / PyTorch (model) | TV share JAX / PyTorch | other processes' CPU |",
-      "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in results["records"]:
     lines.append(
         f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['xla_variant']} "
-        f"| {_fmt(r['jax_img_s'])} | {_fmt(_total_compile_s(r), 1)} "
+        f"| {r.get('conv_backend', 'xla')} | {_fmt(r['jax_img_s'])} | {_fmt(_total_compile_s(r), 1)} "
         f"| {_fmt(r['torch_img_s'])} | {_fmt(r['ratio'])} "
         f"| {_fmt(r.get('xla_gflop_per_img'), 1)} / {_fmt(r.get('model_gflop_per_img'), 1)} "
         f"| {_fmt(r.get('jax_gflops'), 1)} | {_pct(r.get('jax_mfu'))} "
@@ -819,13 +976,28 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         for dtype, share in (table or {}).items()) + "."]
   if results["inference"]:
     lines += ["", "## Inference (`predict.segment_volume` on a phantom volume)", "",
-              "| model | XLA flags | volume | batch | slices/s end to end | slices/s network "
-              "| first call s | other processes' CPU |", "|---|---|---|---:|---:|---:|---:|---:|"]
+              "| model | variant | volume | batch | slices/s end to end | slices/s network "
+              "| PyTorch slices/s network | network JAX / PyTorch | first call s "
+              "| other processes' CPU |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["inference"]:
       lines.append(
           f"| {r['model']} | {r['xla_variant']} | {'x'.join(map(str, r['volume_shape']))} "
           f"| {r['batch_size']} | {_fmt(r['slices_s_volume'])} | {_fmt(r['slices_s_network'])} "
+          f"| {_fmt(r.get('torch_slices_s_network'))} | {_fmt(r.get('ratio_network'))} "
           f"| {_fmt(r['first_call_s'], 1)} | {_pct(r.get('foreign_cpu_share'))} |")
+  conv_rows = [(v, row) for v, rows in (results.get("conv_ops") or {}).items() for row in rows]
+  if conv_rows:
+    lines += ["", "## Convolutions of the paper model, batch 8 (ms: forward / input grad / "
+              "weight grad)", "",
+              "| layers | x | w | variant | JAX | PyTorch | oneDNN kernels |",
+              "|---|---|---|---|---|---|---|"]
+    for v, row in conv_rows:
+      ms = lambda d: " / ".join(_fmt(d.get(k), 1) for k in ("forward", "input_grad",
+                                                            "weight_grad")) if d else "-"
+      lines.append(
+          f"| {', '.join(row['layers'])} | {'x'.join(map(str, row['x']))} "
+          f"| {'x'.join(map(str, row['w']))} | {v} ({row['backend']}) | {ms(row['jax_ms'])} "
+          f"| {ms(row.get('torch_ms'))} | {' / '.join((row.get('onednn_impl') or {}).values()) or '-'} |")
   pipe = results.get("input_pipeline", {})
   if pipe.get("slices_s"):
     lines += ["", f"## Input pipeline (one thread pinned to one CPU, batch {pipe['batch']}, "
@@ -886,7 +1058,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--models", default="", help="comma-separated subset of: paper,demo")
   p.add_argument("--batches", default="", help="comma-separated batch sizes")
   p.add_argument("--dtypes", default="", help="comma-separated: float32,bfloat16")
-  p.add_argument("--variants", default="", help="comma-separated XLA variants: default,ynn")
+  p.add_argument("--variants", default="",
+                 help="comma-separated variants: default,ynn,onednn,onednn_ynn")
+  p.add_argument("--no_conv_ops", action="store_true", help="skip the per-layer conv table")
   p.add_argument("--steps", type=int, default=None, help="timed train steps")
   p.add_argument("--warmup", type=int, default=None, help="untimed train steps")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
@@ -916,6 +1090,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = make_plan(args.quick, models=_split(args.models), batches=_split(args.batches, int),
                      dtypes=_split(args.dtypes), variants=_split(args.variants),
                      steps=args.steps, warmup=args.warmup, torch=not args.no_torch)
+    plan.conv_ops = plan.conv_ops and not args.no_conv_ops
   except ValueError as e:
     print(str(e), file=sys.stderr)
     return 2
@@ -965,6 +1140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       "matmul_foreign_cpu_share": {v["variant"]: v.get("matmul_foreign_cpu_share") for v in ok},
       "records": records,
       "inference": inference,
+      "conv_ops": {v["variant"]: v["conv_ops"] for v in ok if v.get("conv_ops")},
+      "conv_backends": {v["variant"]: v.get("conv_backend") for v in ok},
+      "onednn_version": next((v.get("onednn_version") for v in ok if v.get("onednn_version")),
+                             None),
       "input_pipeline": pipeline,
       "torch": torch_info,
       "peak_rss_mb": {"parent (input pipeline)": peak_rss_mb(),

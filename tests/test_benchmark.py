@@ -16,6 +16,7 @@ import pytest
 from experiments import benchmark
 from tvunet_jax import losses
 from tvunet_jax import models
+from tvunet_jax.kernels import conv
 
 _CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -145,12 +146,16 @@ def test_cpu_info_reads_model_and_isa_flags():
 
 def test_plan_quick_and_bad_names():
   plan = benchmark.make_plan(True)
+  # The smoke run adds the oneDNN variant exactly when the kernels are built.
+  quick_variants = ["default", "onednn"] if conv.available() else ["default"]
   assert (plan.models, plan.batches, plan.warmup, plan.steps, plan.variants) == (
-      ["demo"], [4], 1, 3, ["default"])
+      ["demo"], [4], 1, 3, quick_variants)
+  assert not plan.conv_ops
   full = benchmark.make_plan(False)
   assert full.models == ["paper", "demo"] and full.batches == [8, 16] and full.steps >= 5
-  assert full.variants == ["default", "ynn"] and full.volume_size == 512
-  assert full.volume_slices >= 20
+  assert full.variants == ["default", "ynn", "onednn", "onednn_ynn"] and full.volume_size == 512
+  assert full.volume_slices == 100 and full.conv_ops  # issue 8: a 100-slice volume
+  assert {benchmark.CONV_BACKENDS[v] for v in full.variants} == {"xla", "onednn"}
   with pytest.raises(ValueError, match=r"unknown models \['resnet'\]"):
     benchmark.make_plan(True, models=["resnet"])
   with pytest.raises(ValueError, match="steps must be >= 1"):
@@ -221,9 +226,9 @@ def test_records_and_markdown_on_a_fake_result():
       "peak": 250.0}
   json.dumps(results)  # every field is JSON-able
   md = benchmark.to_markdown(results)
-  assert "| paper | float32 | 8 | ynn | 2.00 | 3.0 | 2.40 | 0.83 |" in md
+  assert "| paper | float32 | 8 | ynn | xla | 2.00 | 3.0 | 2.40 | 0.83 |" in md
   assert "| float32 | 200.0 | 250.0 | 180.0 | 240.0 | 250.0 |" in md
-  assert "| paper | default | 512x512x24 | 8 | 3.00 | 4.00 | 9.0 |" in md
+  assert "| paper | default | 512x512x24 | 8 | 3.00 | 4.00 | - | - | 9.0 |" in md
   assert "Fake CPU" in md and "## Errors" in md and "900 s" in md
 
 
@@ -260,3 +265,24 @@ def test_torch_batchnorm_follows_keras_or_the_config():
   demo = benchmark.model_config("demo").model
   net = torch_unet.TorchUNet(base=2, depth=1, bn_momentum=1.0 - demo.bn_momentum)
   assert all(m.momentum == pytest.approx(1.0 - demo.bn_momentum) for m in bns(net))
+
+
+def test_onednn_records_and_conv_table():
+  """A oneDNN variant's record says so, has no XLA-count MFU (custom calls are invisible to
+  XLA's cost analysis), and the per-layer conv table lists every distinct paper-model conv."""
+  env = {"cpu_model": "Fake CPU", "cores": 2, "isa_flags": {f: False for f in benchmark.ISA_FLAGS},
+         "commit": "abc", "dirty": False, "versions": {"jax": "0.10.2"},
+         "load_avg_start": [0.1, 0.2, 0.3]}
+  v = {**_fake_variant("onednn", 3.0, 2.5, {"jax": 200.0}), "conv_backend": "onednn"}
+  (rec,) = benchmark.make_records(env, [v])
+  assert rec["conv_backend"] == "onednn" and rec["jax_mfu"] is None
+  assert rec["jax_mfu_model"] == pytest.approx(3.0 * 60.0 / 200.0)
+  layers = benchmark.conv_layers(batch=8)
+  names = [n for layer in layers for n in layer["layers"]]
+  # 2 convs per block x (4 down + bottleneck + 4 up) + 4 up-samplings + head, each once.
+  assert len(names) == len(set(names)) == 23
+  by_name = {n: layer for layer in layers for n in layer["layers"]}
+  assert by_name["bottleneck.conv_1"]["x"] == [8, 8, 8, 1024]
+  assert by_name["upsample_0"] == {"layers": ["upsample_0"], "x": [8, 64, 64, 128],
+                                   "w": [2, 2, 128, 256], "pads": [1, 0, 1, 0]}
+  assert by_name["down_0.conv_1"] is by_name["up_0.conv_1"]  # same shape: listed once

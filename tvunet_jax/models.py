@@ -75,6 +75,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from tvunet_jax.kernels import conv
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -147,6 +149,7 @@ class SubpixelConvTranspose(nn.Module):
   bias_init: Initializer = zeros
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  conv_backend: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -155,7 +158,7 @@ class SubpixelConvTranspose(nn.Module):
         'kernel', self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.conv_general_dilated(
+    y = conv.conv_general_dilated(self.conv_backend)(
         x, subpixel_kernel(kernel), window_strides=(1, 1),
         padding=((1, 0), (1, 0)),  # offsets -1 and 0: one row/col of zeros before
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -188,6 +191,7 @@ class ConvBlock(nn.Module):
   bn_momentum: float = 0.99
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv_backend: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -196,6 +200,7 @@ class ConvBlock(nn.Module):
       x = nn.Conv(
           self.features, (3, 3), padding='SAME', use_bias=True,
           kernel_init=he_normal, bias_init=zeros,
+          conv_general_dilated=conv.conv_general_dilated(self.conv_backend),
           dtype=self.dtype, param_dtype=self.param_dtype, name=f'conv_{i}')(x)
       x = nn.BatchNorm(
           use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-3,
@@ -220,6 +225,9 @@ class UNet(nn.Module):
     bn_momentum: BatchNorm running-average decay (Keras 0.99). The running statistics
       reach their data values only after ~3 / (1 - momentum) steps; a run of a few hundred
       steps needs a lower value (0.9) or its eval-mode outputs use half-initial statistics.
+    conv_backend: 'auto', 'onednn' or 'xla': who computes the convolutions (see
+      `tvunet_jax.kernels.conv`); 'auto' is oneDNN on CPU when its library is built, XLA
+      otherwise. Same parameters and, to float32 rounding, the same numbers.
 
   Parameter tree: `down_{l}` (l = 0..depth-1), `bottleneck`, then per level
   l = depth-1..0 `upsample_{l}` ('kernel', 'bias') and `up_{l}`, then `head`.
@@ -235,6 +243,7 @@ class UNet(nn.Module):
   upsample: str = 'subpixel'
   pool: str = 'reshape'
   bn_momentum: float = 0.99
+  conv_backend: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -253,7 +262,7 @@ class UNet(nn.Module):
       (B, H, W, num_outputs) float32 logits.
     """
     self._check(x)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_backend=self.conv_backend)
     bn = dict(bn_momentum=self.bn_momentum)
     drop = nn.Dropout(self.dropout, deterministic=not train)
 
@@ -274,7 +283,8 @@ class UNet(nn.Module):
 
     logits = nn.Conv(
         self.num_outputs, (1, 1), kernel_init=glorot_uniform, bias_init=zeros,
-        name='head', **kw)(x)
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        conv_general_dilated=conv.conv_general_dilated(self.conv_backend), name='head')(x)
     return logits.astype(jnp.float32)
 
   def _check(self, x: Array) -> None:
@@ -297,8 +307,10 @@ class UNet(nn.Module):
 
 
 def _FlaxConvTranspose(features: int, *, name: str, dtype: Dtype,  # pylint: disable=invalid-name
-                       param_dtype: Dtype) -> nn.ConvTranspose:
-  """The reference up-sampling layer, with the Keras initialisers."""
+                       param_dtype: Dtype, conv_backend: str) -> nn.ConvTranspose:
+  """The reference up-sampling layer, with the Keras initialisers (always XLA's conv: a
+  stride-2 transposed conv is an lhs-dilated one, which the oneDNN kernels do not take)."""
+  del conv_backend
   return nn.ConvTranspose(
       features, (3, 3), strides=(2, 2), padding='SAME', use_bias=True,
       kernel_init=glorot_uniform, bias_init=zeros, dtype=dtype,
@@ -307,11 +319,13 @@ def _FlaxConvTranspose(features: int, *, name: str, dtype: Dtype,  # pylint: dis
 
 def build(model_cfg: Any) -> UNet:
   """The U-Net a config's `model` block (a ConfigDict or the dict saved in a model contract)
-  describes; missing `bn_momentum` (older contracts) means Keras' 0.99."""
+  describes; missing `bn_momentum` (older contracts) means Keras' 0.99, a missing
+  `conv_backend` means 'auto'."""
   get = model_cfg.get
   return UNet(base=get('base'), depth=get('depth'), dropout=get('dropout'),
               num_outputs=get('num_outputs'), dtype=jnp.dtype(get('dtype')),
-              upsample=get('upsample'), pool=get('pool'), bn_momentum=get('bn_momentum', 0.99))
+              upsample=get('upsample'), pool=get('pool'), bn_momentum=get('bn_momentum', 0.99),
+              conv_backend=get('conv_backend', 'auto'))
 
 
 def paper_unet(**overrides: Any) -> UNet:

@@ -180,7 +180,8 @@ class SlicePredictor:
       logits = model.apply(v, x, train=False)
       return jax.nn.sigmoid(logits[..., 0].astype(jnp.float32))
 
-    self._fn = jax.jit(probs_fn, in_shardings=(rep, rows), out_shardings=rows)
+    self._fn = sharding.under_mesh(
+        self.mesh, jax.jit(probs_fn, in_shardings=(rep, rows), out_shardings=rows))
 
   def __call__(self, images: np.ndarray, *, progress: bool = False,
                desc: str = "slices") -> np.ndarray:

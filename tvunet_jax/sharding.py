@@ -4,12 +4,14 @@ One `jax.sharding.Mesh` spans all devices of all processes with a single named d
 are split along it (rows of the global batch per device); parameters, BatchNorm statistics and
 optimizer state are replicated, or, with `fsdp=True`, large kernels are split along their output
 channels over the same axis (ZeRO-3 style: XLA all-gathers them where a layer needs them). Nothing
-else in the project constructs a sharding.
+else in the project constructs a sharding. `under_mesh` makes the mesh the context mesh of a
+jitted step, which the oneDNN convolution kernels need to run per shard (`kernels/conv.py`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -67,3 +69,18 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
                      "of the data axis")
   local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   return global_batch_size // n * local
+
+
+def under_mesh(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn` (typically a `jax.jit` function) called, and so traced, with `mesh` as context mesh.
+
+  Custom calls (the oneDNN convolutions) are opaque to XLA's partitioner; with a context mesh they
+  run per shard under `jax.shard_map` instead of on a gathered batch. Shardings are unchanged.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped

@@ -30,6 +30,7 @@ from tvunet_jax import metrics
 from tvunet_jax import models
 from tvunet_jax import sharding
 from tvunet_jax import writers
+from tvunet_jax.kernels import conv
 
 
 @flax.struct.dataclass
@@ -300,6 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- model and state
   model = models.build(config.model)
+  logging.info("convolutions: %s (model.conv_backend %r)", conv.resolve(model.conv_backend),
+               model.conv_backend)
   tx = make_optimizer(t.learning_rate)
   init_fn = functools.partial(create_state, model=model, tx=tx, image_shape=(*image_size, 1))
   rng = jax.random.PRNGKey(config.seed)
@@ -332,13 +335,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- steps
   replicated = sharding.replicated(mesh)
-  train_fn = jax.jit(
+  train_fn = sharding.under_mesh(mesh, jax.jit(
       functools.partial(train_step, model=model, tx=tx, loss_cfg=config.loss,
                         accum=t.grad_accum_steps, n_devices=n_devices),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0)
-  eval_fn = jax.jit(
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0))
+  eval_fn = sharding.under_mesh(mesh, jax.jit(
       functools.partial(eval_step, model=model, loss_cfg=config.loss),
-      in_shardings=(state_sh, batch_sh), out_shardings=(replicated, replicated))
+      in_shardings=(state_sh, batch_sh), out_shardings=(replicated, replicated)))
   local_eval_batch = sharding.local_batch_size(config.eval.batch_size, mesh)
 
   eval_names = volume_names(eval_src)

@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.upsample = "subpixel"  # "subpixel" (fast on CPU) or "conv_transpose": same numbers
   c.model.pool = "reshape"  # "reshape" (fast on CPU) or "max_pool": same numbers
   c.model.bn_momentum = 0.9  # BatchNorm running-stat decay; Keras' 0.99 needs >~300 steps
+  c.model.conv_backend = "auto"  # "auto": oneDNN kernels on CPU if built, else XLA; "onednn"; "xla"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.tv_weight = 0.1  # lambda; 0 = plain U-Net. With "mean" TV lies in [0, 2]

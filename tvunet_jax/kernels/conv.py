@@ -1,0 +1,287 @@
+"""Which convolution the U-Net runs: oneDNN through the XLA FFI on CPU, XLA's own elsewhere.
+
+XLA:CPU's convolutions, above all their weight gradients, are several times slower than oneDNN's
+(`/work/shared/STACK.md`), so on CPU the U-Net's convolutions can call oneDNN primitives
+(`onednn_conv.cc`, built by `python -m tvunet_jax.kernels.build`) as XLA custom calls. This module
+owns that choice and the JAX side of the kernels:
+
+* `conv_general_dilated(backend)` returns a drop-in for `lax.conv_general_dilated` (what
+  `flax.linen.Conv(conv_general_dilated=...)` takes). Backends:
+  - 'xla': always `lax.conv_general_dilated`.
+  - 'onednn': the oneDNN kernels for every stride-1, undilated, ungrouped NHWC/HWIO conv (all of
+    the U-Net's); anything else, or a missing library, falls back to XLA (one log line).
+  - 'auto' (default): 'onednn' when JAX's default backend is CPU and the library loads, else
+    'xla' (TPU and GPU always run XLA's convolutions).
+  The environment variable TVUNET_CONV_BACKEND (xla / onednn / auto) overrides the config; it is
+  read when a function is traced, so set it before the process starts.
+  Parameters and checkpoints are the same under every backend; results agree to float32
+  rounding (tests/test_kernels.py).
+* `onednn_conv(x, w, pads)`: the kernels under a `jax.custom_vjp` (forward, input gradient, weight
+  gradient, each one oneDNN primitive). bfloat16 runs natively where oneDNN has bf16 kernels
+  (AVX-512 and AMX); elsewhere (AVX2) it is computed in float32 and rounded, since oneDNN's only
+  bf16 kernel there is its reference loop (or none at all).
+* Sharding. A custom call is opaque to XLA's SPMD partitioner, which would gather the whole batch
+  onto one device to run it. When a mesh with a `data` axis is set (`jax.set_mesh(mesh)`, as
+  `train.py`, `predict.py` and `evaluate.py` do around their jitted steps), each kernel runs under
+  `jax.shard_map` on the local rows of the batch, and the weight gradient is summed over the axis.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from tvunet_jax.kernels import build as _build
+
+BACKENDS = ('auto', 'onednn', 'xla')
+ENV_BACKEND = 'TVUNET_CONV_BACKEND'
+ENV_LIBRARY = 'TVUNET_ONEDNN_LIB'  # a library built elsewhere; default: next to this file
+DATA_AXIS = 'data'  # sharding.DATA_AXIS (not imported: sharding must not depend on kernels)
+_TARGETS = {0: 'tvunet_onednn_conv_fwd', 1: 'tvunet_onednn_conv_bwd_data',
+            2: 'tvunet_onednn_conv_bwd_weights'}
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+_state: dict[str, Any] = {}
+_warned: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+  if msg not in _warned:
+    _warned.add(msg)
+    logging.warning('%s', msg)
+
+
+def library_path() -> str:
+  return os.environ.get(ENV_LIBRARY) or _build.LIBRARY
+
+
+def load() -> ctypes.CDLL | None:
+  """Loads the kernel library and registers its FFI targets once; None if it is unavailable."""
+  if 'lib' not in _state:
+    path, lib = library_path(), None
+    if not os.path.exists(path):
+      _state['why'] = (f'{path} not built (pip install -e ".[onednn]" && '
+                       'python -m tvunet_jax.kernels.build)')
+    else:
+      try:
+        lib = ctypes.CDLL(path)
+        for name in _TARGETS.values():
+          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
+        lib.tvunet_onednn_impl.argtypes = (
+            [ctypes.c_int] * 2 + [ctypes.c_int64] * 11 + [ctypes.c_char_p, ctypes.c_int])
+      except (OSError, AttributeError) as e:  # e.g. libdnnl.so.3 moved since the build
+        _state['why'], lib = f'{path} does not load: {e}', None
+    _state['lib'] = lib
+  return _state['lib']
+
+
+def available() -> bool:
+  return load() is not None
+
+
+def onednn_version() -> str | None:
+  lib = load()
+  if lib is None:
+    return None
+  buf = ctypes.create_string_buffer(64)
+  lib.tvunet_onednn_version(buf, 64)
+  return buf.value.decode()
+
+
+def impl_info(op: int, dtype: Any, x_shape: Sequence[int], w_shape: Sequence[int],
+              pads: Sequence[int]) -> str:
+  """oneDNN's kernel for op 0 (forward), 1 (input grad) or 2 (weight grad), e.g. 'jit:avx2'."""
+  lib = load()
+  if lib is None:
+    raise RuntimeError(_state['why'])
+  n, h, w, ci = x_shape
+  kh, kw, _, co = w_shape
+  buf = ctypes.create_string_buffer(256)
+  bf16 = int(jnp.dtype(dtype) == jnp.bfloat16)
+  rc = lib.tvunet_onednn_impl(op, bf16, n, h, w, ci, kh, kw, co, *pads, buf, 256)
+  if rc != 0:
+    raise RuntimeError(f'oneDNN: {buf.value.decode()}')
+  return buf.value.decode()
+
+
+@functools.cache
+def native_bf16() -> bool:
+  """Whether oneDNN has optimised bf16 convolutions on this CPU (not its reference loop)."""
+  if not available():
+    return False
+  try:  # on AVX2 oneDNN 3.2 has no bf16 convolution at all and the primitive is refused
+    return not impl_info(0, jnp.bfloat16, (1, 8, 8, 16), (3, 3, 16, 16), (1, 1, 1, 1)).startswith(
+        'ref')
+  except RuntimeError:
+    return False
+
+
+def resolve(backend: str) -> str:
+  """'onednn' or 'xla' for a configured backend, after TVUNET_CONV_BACKEND and availability."""
+  backend = os.environ.get(ENV_BACKEND) or backend
+  if backend not in BACKENDS:
+    raise ValueError(f'conv backend must be one of {BACKENDS}, got {backend!r} '
+                     f'(config model.conv_backend or ${ENV_BACKEND})')
+  if backend == 'xla' or jax.default_backend() != 'cpu':
+    return 'xla'
+  if not available():
+    if backend == 'onednn':
+      _log_once(f'oneDNN convolutions unavailable, using XLA\'s: {_state["why"]}')
+    return 'xla'
+  return 'onednn'
+
+
+# --- the kernels ---------------------------------------------------------------------------------
+
+def _call(op: int, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], out_dtype: Any,
+          pads: tuple[int, int, int, int]) -> jax.Array:
+  if load() is None:
+    raise RuntimeError(f'oneDNN convolutions unavailable: {_state["why"]}')
+  top, bottom, left, right = pads
+  # vmap runs the kernel once per mapped element (it takes rank-4 operands only).
+  return jax.ffi.ffi_call(_TARGETS[op], jax.ShapeDtypeStruct(out_shape, out_dtype),
+                          vmap_method='sequential')(
+      a, b, top=np.int64(top), bottom=np.int64(bottom), left=np.int64(left),
+      right=np.int64(right))
+
+
+def _data_mesh(batch: int) -> Any:
+  """The context mesh if it splits a `data` axis (dividing `batch`) over several devices."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names or mesh.shape[DATA_AXIS] == 1:
+    return None
+  # A batch the axis does not divide (e.g. `init` on one example) is not split: XLA then runs
+  # the call on every device, which is correct and only ever happens on tiny inputs.
+  return mesh if batch % mesh.shape[DATA_AXIS] == 0 else None
+
+
+def _fwd_local(x, w, pads):
+  n, h, wd, _ = x.shape
+  kh, kw, _, co = w.shape
+  out = (n, h + pads[0] + pads[1] - kh + 1, wd + pads[2] + pads[3] - kw + 1, co)
+  return _call(0, x, w, out, x.dtype, pads)
+
+
+def _bwd_data_local(dy, w, x_hw, pads):
+  return _call(1, dy, w, (dy.shape[0], *x_hw, w.shape[2]), dy.dtype, pads)
+
+
+def _bwd_weights_local(x, dy, w_shape, pads):
+  return _call(2, x, dy, w_shape, jnp.float32, pads)
+
+
+def onednn_ops(x: jax.Array, w: jax.Array, dy: jax.Array, pads: tuple[int, int, int, int]
+               ) -> dict[str, Callable[[], jax.Array]]:
+  """The three kernels alone, unjitted, for timing: {'forward', 'input_grad', 'weight_grad'}."""
+  return {'forward': lambda: _fwd_local(x, w, pads),
+          'input_grad': lambda: _bwd_data_local(dy, w, x.shape[1:3], pads),
+          'weight_grad': lambda: _bwd_weights_local(x, dy, w.shape, pads)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def onednn_conv(x: jax.Array, w: jax.Array, pads: tuple[int, int, int, int]) -> jax.Array:
+  """`lax.conv_general_dilated(x, w, (1, 1), [(top, bottom), (left, right)], ('NHWC', 'HWIO',
+  'NHWC'))` by oneDNN.
+
+  Reverse-mode only (a `custom_vjp`: `jax.grad`/`vjp` work, `jax.jvp`/`jacfwd` do not).
+
+  Args:
+    x: (N, H, W, Ci) float32, or bfloat16 where `native_bf16()` (`conv_general_dilated` handles
+      bfloat16 everywhere).
+    w: (KH, KW, Ci, Co), x's dtype.
+    pads: (top, bottom, left, right) zero padding, non-negative Python ints.
+
+  Returns:
+    (N, H + top + bottom - KH + 1, W + left + right - KW + 1, Co) in x's dtype.
+  """
+  mesh = _data_mesh(x.shape[0])
+  f = functools.partial(_fwd_local, pads=pads)
+  if mesh is None:
+    return f(x, w)
+  return jax.shard_map(f, mesh=mesh, in_specs=(P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
+                       check_vma=False)(x, w)
+
+
+def _onednn_conv_fwd(x, w, pads):
+  return onednn_conv(x, w, pads), (x, w)
+
+
+def _onednn_conv_bwd(pads, res, g):
+  x, w = res
+  mesh = _data_mesh(x.shape[0])
+  bwd_data = functools.partial(_bwd_data_local, x_hw=x.shape[1:3], pads=pads)
+  bwd_weights = functools.partial(_bwd_weights_local, w_shape=w.shape, pads=pads)
+  if mesh is None:
+    dx, dw = bwd_data(g, w), bwd_weights(x, g)
+  else:
+    dx = jax.shard_map(bwd_data, mesh=mesh, in_specs=(P(DATA_AXIS), P()),
+                       out_specs=P(DATA_AXIS), check_vma=False)(g, w)
+    dw = jax.shard_map(lambda a, b: lax.psum(bwd_weights(a, b), DATA_AXIS), mesh=mesh,
+                       in_specs=(P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(),
+                       check_vma=False)(x, g)
+  return dx, dw.astype(w.dtype)
+
+
+onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
+# --- the drop-in for lax.conv_general_dilated ----------------------------------------------------
+
+def _explicit_pads(padding: Any, x_shape, w_shape) -> tuple[int, int, int, int] | None:
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x_shape[1:3], w_shape[:2], (1, 1), padding)
+  (top, bottom), (left, right) = [tuple(int(v) for v in p) for p in padding]
+  pads = (top, bottom, left, right)
+  return pads if min(pads) >= 0 else None
+
+
+def _supported(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
+               feature_group_count, batch_group_count) -> bool:
+  if lhs.ndim != 4 or rhs.ndim != 4 or tuple(window_strides) != (1, 1):
+    return False
+  if any(d is not None and tuple(d) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
+    return False
+  if feature_group_count != 1 or batch_group_count != 1:
+    return False
+  if lhs.dtype not in (jnp.float32, jnp.bfloat16) or rhs.dtype != lhs.dtype:
+    return False
+  want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want
+
+
+def conv_general_dilated(backend: str = 'auto') -> Callable[..., jax.Array]:
+  """A function with `lax.conv_general_dilated`'s signature running on `backend`.
+
+  The backend is resolved when the function is traced, so one model definition runs oneDNN on a
+  CPU host and XLA on TPU.
+  """
+
+  def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+           preferred_element_type=None):
+    pads = None
+    if (resolve(backend) == 'onednn' and preferred_element_type is None
+        and _supported(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dimension_numbers,
+                       feature_group_count, batch_group_count)):
+      pads = _explicit_pads(padding, lhs.shape, rhs.shape)
+    if pads is None:
+      return lax.conv_general_dilated(
+          lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+          rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+          feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+          precision=precision, preferred_element_type=preferred_element_type)
+    if lhs.dtype == jnp.bfloat16 and not native_bf16():
+      return onednn_conv(lhs.astype(jnp.float32), rhs.astype(jnp.float32),
+                         pads).astype(jnp.bfloat16)
+    return onednn_conv(lhs, rhs, pads)
+
+  return conv

@@ -1,0 +1,324 @@
+// oneDNN 2D convolutions for XLA:CPU, called from jax.jit through the XLA FFI.
+//
+// Owns three custom-call handlers, for stride-1, undilated, ungrouped convolutions with explicit
+// (top, bottom, left, right) zero padding, the only kind tvunet_jax's U-Net uses:
+//   tvunet_onednn_conv_fwd          y  = conv(x, w)     x (N,H,W,Ci), w (KH,KW,Ci,Co) -> y (N,Ho,Wo,Co)
+//   tvunet_onednn_conv_bwd_data     dx = conv^T(dy, w)  dy (N,Ho,Wo,Co), w -> dx (N,H,W,Ci)
+//   tvunet_onednn_conv_bwd_weights  dw = x (*) dy       x, dy -> dw (KH,KW,Ci,Co), always float32
+// with Ho = H + top + bottom - KH + 1 (same for W), i.e. exactly lax.conv_general_dilated with
+// dimension_numbers ('NHWC', 'HWIO', 'NHWC'). Activations are float32 or bfloat16 (oneDNN
+// accumulates in float32). Activations stay in JAX's NHWC layout; the weights are reordered per
+// call into the layout oneDNN's kernel prefers (as PyTorch does), since they are small next to the
+// activations at every level but the bottleneck.
+//
+// Primitives are built once per (op, dtype, shape, padding) and cached; they are immutable, and
+// every call brings its own scratchpad and stream, so concurrent calls from XLA's per-device
+// threads are safe. A few extern "C" helpers (version, chosen implementation) serve the Python
+// wrapper, the tests and the benchmark through ctypes.
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+enum Op : int { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+struct Geometry {
+  int64_t n, h, w, ci, kh, kw, co, ho, wo;
+  int64_t top, bottom, left, right;
+};
+
+struct Entry {
+  dnnl::primitive prim;
+  memory::desc wei_prim_md;  // weights (or weight gradient) as the primitive wants them
+  memory::desc wei_user_md;  // the same in JAX's HWIO layout
+  bool reorder = false;
+  dnnl::reorder wei_reorder;  // user -> primitive (fwd, bwd data); primitive -> user (bwd weights)
+  // Weight gradient only: activation layouts the primitive wants, and NHWC -> those reorders.
+  memory::desc x_prim_md, dy_prim_md;
+  bool reorder_x = false, reorder_dy = false;
+  dnnl::reorder x_reorder, dy_reorder;
+  memory::desc scratch_md;
+  std::string impl;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+// A 64-byte aligned, grow-only buffer; one per thread and role.
+struct Buffer {
+  void* ptr = nullptr;
+  size_t size = 0;
+  void* Get(size_t bytes) {
+    if (bytes > size) {
+      std::free(ptr);
+      size = (bytes + 4095) / 4096 * 4096;
+      ptr = std::aligned_alloc(64, size);
+      if (ptr == nullptr) size = 0;
+    }
+    return ptr;
+  }
+  ~Buffer() { std::free(ptr); }
+};
+
+std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
+  const auto dt = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
+  const memory::dims src_dims = {g.n, g.ci, g.h, g.w};
+  const memory::dims wei_dims = {g.co, g.ci, g.kh, g.kw};
+  const memory::dims dst_dims = {g.n, g.co, g.ho, g.wo};
+  const memory::dims strides = {1, 1};
+  const memory::dims pad_l = {g.top, g.left};
+  const memory::dims pad_r = {g.bottom, g.right};
+  const memory::desc src_md(src_dims, dt, tag::nhwc);
+  const memory::desc dst_md(dst_dims, dt, tag::nhwc);
+  const memory::desc wei_any(wei_dims, dt, tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+
+  const auto fwd_pd = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src_md,
+      wei_any, dst_md, strides, pad_l, pad_r, attr);
+  auto e = std::make_shared<Entry>();
+  if (op == kFwd) {
+    e->prim = dnnl::convolution_forward(fwd_pd);
+    e->wei_prim_md = fwd_pd.weights_desc();
+    e->wei_user_md = memory::desc(wei_dims, dt, tag::hwio);
+    e->scratch_md = fwd_pd.scratchpad_desc();
+    e->impl = fwd_pd.impl_info_str();
+  } else if (op == kBwdData) {
+    const auto pd = dnnl::convolution_backward_data::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, src_md, wei_any, dst_md, strides, pad_l,
+        pad_r, fwd_pd, attr);
+    e->prim = dnnl::convolution_backward_data(pd);
+    e->wei_prim_md = pd.weights_desc();
+    e->wei_user_md = memory::desc(wei_dims, dt, tag::hwio);
+    e->scratch_md = pd.scratchpad_desc();
+    e->impl = pd.impl_info_str();
+  } else {
+    // The weight gradient lets oneDNN pick the activation layout too: on AVX2 its NHWC kernel is
+    // 4x slower than its blocked (nChw8c) one, which is worth two activation reorders.
+    const memory::desc dwei_any(wei_dims, memory::data_type::f32, tag::any);
+    const memory::desc src_any(src_dims, dt, tag::any), dst_any(dst_dims, dt, tag::any);
+    const auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        Engine(), dnnl::algorithm::convolution_direct, src_any, dwei_any, dst_any, strides, pad_l,
+        pad_r, fwd_pd, attr);
+    e->prim = dnnl::convolution_backward_weights(pd);
+    e->x_prim_md = pd.src_desc();
+    e->dy_prim_md = pd.diff_dst_desc();
+    e->reorder_x = e->x_prim_md != src_md;
+    e->reorder_dy = e->dy_prim_md != dst_md;
+    if (e->reorder_x) {
+      e->x_reorder = dnnl::reorder(
+          dnnl::reorder::primitive_desc(Engine(), src_md, Engine(), e->x_prim_md));
+    }
+    if (e->reorder_dy) {
+      e->dy_reorder = dnnl::reorder(
+          dnnl::reorder::primitive_desc(Engine(), dst_md, Engine(), e->dy_prim_md));
+    }
+    e->wei_prim_md = pd.diff_weights_desc();
+    e->wei_user_md = memory::desc(wei_dims, memory::data_type::f32, tag::hwio);
+    e->scratch_md = pd.scratchpad_desc();
+    e->impl = pd.impl_info_str();
+  }
+  e->reorder = e->wei_prim_md != e->wei_user_md;
+  if (e->reorder) {
+    e->wei_reorder = op == kBwdWeights
+                         ? dnnl::reorder(dnnl::reorder::primitive_desc(
+                               Engine(), e->wei_prim_md, Engine(), e->wei_user_md))
+                         : dnnl::reorder(dnnl::reorder::primitive_desc(
+                               Engine(), e->wei_user_md, Engine(), e->wei_prim_md));
+  }
+  return e;
+}
+
+std::shared_ptr<Entry> Lookup(Op op, bool bf16, const Geometry& g) {
+  static std::mutex* mu = new std::mutex;
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<Entry>>;
+  std::ostringstream key;
+  key << op << ',' << bf16;
+  for (int64_t v : {g.n, g.h, g.w, g.ci, g.kh, g.kw, g.co, g.top, g.bottom, g.left, g.right}) {
+    key << ',' << v;
+  }
+  {
+    std::lock_guard<std::mutex> lock(*mu);
+    auto it = cache->find(key.str());
+    if (it != cache->end()) return it->second;
+  }
+  auto entry = Build(op, bf16, g);  // outside the lock: building can take milliseconds
+  std::lock_guard<std::mutex> lock(*mu);
+  return cache->emplace(key.str(), entry).first->second;
+}
+
+std::string Shape(ffi::AnyBuffer::Dimensions d) {
+  std::ostringstream s;
+  s << '(';
+  for (size_t i = 0; i < d.size(); ++i) s << (i ? "," : "") << d[i];
+  s << ')';
+  return s.str();
+}
+
+// Reads the geometry from the operands of `op` and checks that it is consistent.
+ffi::Error Geometry4(Op op, const ffi::AnyBuffer& a, const ffi::AnyBuffer& b,
+                     const ffi::AnyBuffer& out, int64_t top, int64_t bottom, int64_t left,
+                     int64_t right, Geometry* g) {
+  const auto da = a.dimensions(), db = b.dimensions(), dout = out.dimensions();
+  if (da.size() != 4 || db.size() != 4 || dout.size() != 4) {
+    return ffi::Error::InvalidArgument("tvunet oneDNN conv: operands must be rank 4");
+  }
+  if (top < 0 || bottom < 0 || left < 0 || right < 0) {
+    return ffi::Error::InvalidArgument("tvunet oneDNN conv: padding must be non-negative");
+  }
+  // a, b, out per op: fwd (x, w, y); bwd data (dy, w, dx); bwd weights (x, dy, dw).
+  const auto& x = op == kBwdData ? dout : da;
+  const auto& w = op == kBwdWeights ? dout : db;
+  const auto& y = op == kFwd ? dout : (op == kBwdData ? da : db);
+  *g = Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], top, bottom, left, right};
+  if (y[0] != g->n || w[2] != g->ci || y[3] != g->co ||
+      g->ho != g->h + top + bottom - g->kh + 1 || g->wo != g->w + left + right - g->kw + 1 ||
+      g->ho <= 0 || g->wo <= 0) {
+    return ffi::Error::InvalidArgument("tvunet oneDNN conv: inconsistent shapes x" + Shape(x) +
+                                       " w" + Shape(w) + " y" + Shape(y));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+               int64_t top, int64_t bottom, int64_t left, int64_t right) {
+  const auto dt = a.element_type();
+  if (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument("tvunet oneDNN conv: dtype must be float32 or bfloat16");
+  }
+  if (b.element_type() != dt ||
+      out->element_type() != (op == kBwdWeights ? ffi::DataType::F32 : dt)) {
+    return ffi::Error::InvalidArgument("tvunet oneDNN conv: mismatched dtypes");
+  }
+  Geometry g;
+  if (auto err = Geometry4(op, a, b, *out, top, bottom, left, right, &g); !err.success()) {
+    return err;
+  }
+  try {
+    const auto entry = Lookup(op, dt == ffi::DataType::BF16, g);
+    thread_local Buffer scratch, weights, x_buf, dy_buf;
+    thread_local dnnl::stream* stream = new dnnl::stream(Engine());
+    auto& eng = Engine();
+    const auto adt = dt == ffi::DataType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
+    const memory::desc x_md({g.n, g.ci, g.h, g.w}, adt, tag::nhwc);
+    const memory::desc y_md({g.n, g.co, g.ho, g.wo}, adt, tag::nhwc);
+    memory scratch_mem(entry->scratch_md, eng, scratch.Get(entry->scratch_md.get_size() + 64));
+    if (op == kFwd || op == kBwdData) {
+      memory wei_user(entry->wei_user_md, eng, b.untyped_data());
+      memory wei = wei_user;
+      if (entry->reorder) {
+        wei = memory(entry->wei_prim_md, eng, weights.Get(entry->wei_prim_md.get_size()));
+        entry->wei_reorder.execute(*stream, wei_user, wei);
+      }
+      if (op == kFwd) {
+        memory x(x_md, eng, a.untyped_data()), y(y_md, eng, out->untyped_data());
+        entry->prim.execute(*stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, wei},
+                                      {DNNL_ARG_DST, y}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+      } else {
+        memory dy(y_md, eng, a.untyped_data()), dx(x_md, eng, out->untyped_data());
+        entry->prim.execute(*stream, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, wei},
+                                      {DNNL_ARG_DIFF_SRC, dx}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+      }
+    } else {
+      memory x(x_md, eng, a.untyped_data()), dy(y_md, eng, b.untyped_data());
+      if (entry->reorder_x) {
+        memory xr(entry->x_prim_md, eng, x_buf.Get(entry->x_prim_md.get_size()));
+        entry->x_reorder.execute(*stream, x, xr);
+        x = xr;
+      }
+      if (entry->reorder_dy) {
+        memory dyr(entry->dy_prim_md, eng, dy_buf.Get(entry->dy_prim_md.get_size()));
+        entry->dy_reorder.execute(*stream, dy, dyr);
+        dy = dyr;
+      }
+      memory dw_user(entry->wei_user_md, eng, out->untyped_data());
+      memory dw = entry->reorder ? memory(entry->wei_prim_md, eng,
+                                          weights.Get(entry->wei_prim_md.get_size()))
+                                 : dw_user;
+      entry->prim.execute(*stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy},
+                                    {DNNL_ARG_DIFF_WEIGHTS, dw}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+      if (entry->reorder) entry->wei_reorder.execute(*stream, dw, dw_user);
+    }
+    stream->wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("tvunet oneDNN conv: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("tvunet oneDNN conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t top,
+               int64_t bottom, int64_t left, int64_t right) {
+  return Run(kFwd, x, w, y, top, bottom, left, right);
+}
+ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                   int64_t top, int64_t bottom, int64_t left, int64_t right) {
+  return Run(kBwdData, dy, w, dx, top, bottom, left, right);
+}
+ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                      int64_t top, int64_t bottom, int64_t left, int64_t right) {
+  return Run(kBwdWeights, x, dy, dw, top, bottom, left, right);
+}
+
+}  // namespace
+
+#define TVUNET_CONV_BINDING                                                               \
+  ffi::Ffi::Bind()                                                                        \
+      .Arg<ffi::AnyBuffer>()                                                              \
+      .Arg<ffi::AnyBuffer>()                                                              \
+      .Ret<ffi::AnyBuffer>()                                                              \
+      .Attr<int64_t>("top")                                                               \
+      .Attr<int64_t>("bottom")                                                            \
+      .Attr<int64_t>("left")                                                              \
+      .Attr<int64_t>("right")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_fwd, Fwd, TVUNET_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_bwd_data, BwdData, TVUNET_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_bwd_weights, BwdWeights, TVUNET_CONV_BINDING);
+
+extern "C" {
+
+// oneDNN's version as "major.minor.patch".
+int tvunet_onednn_version(char* out, int len) {
+  const auto* v = dnnl::version();
+  return std::snprintf(out, len, "%d.%d.%d", v->major, v->minor, v->patch);
+}
+
+// The implementation oneDNN picks for one op (0 fwd, 1 bwd data, 2 bwd weights) at one shape,
+// e.g. "brg:avx512_core_amx" or "jit:avx2"; "ref:any" means no optimised kernel. Returns -1 and
+// the error text when the primitive cannot be built.
+int tvunet_onednn_impl(int op, int bf16, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh,
+                       int64_t kw, int64_t co, int64_t top, int64_t bottom, int64_t left,
+                       int64_t right, char* out, int len) {
+  const Geometry g{n, h, w, ci, kh, kw, co, h + top + bottom - kh + 1, w + left + right - kw + 1,
+                   top, bottom, left, right};
+  try {
+    const auto e = Lookup(static_cast<Op>(op), bf16 != 0, g);
+    std::snprintf(out, len, "%s", e->impl.c_str());
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(out, len, "%s", e.what());
+    return -1;
+  }
+}
+
+}  // extern "C"
