@@ -662,3 +662,35 @@ def test_drop_in_under_vmap_matches_lax():
   g_mine = jax.grad(lambda a: jnp.sum(f(mine)(a) ** 2))(xs)
   g_ref = jax.grad(lambda a: jnp.sum(ref(a) ** 2))(xs)
   assert _rel_err(g_mine, g_ref) <= 1e-5
+
+
+@needs_onednn
+def test_kernel_rejects_inconsistent_shapes_with_one_line_error():
+  """The C++ handler checks the operands against the padding and answers with XLA's
+  InvalidArgument naming the shapes, instead of reading or writing out of bounds."""
+  x = jnp.ones((1, 6, 6, 2), jnp.float32)
+  w = jnp.ones((3, 3, 2, 4), jnp.float32)
+  bad_out = (1, 5, 6, 4)  # pads (1, 1, 1, 1) give 6 rows, not 5
+  with pytest.raises(Exception, match=r'inconsistent shapes x\(1,6,6,2\) w\(3,3,2,4\)'):
+    jax.block_until_ready(jax.jit(
+        lambda a, b: conv._call(0, a, b, bad_out, jnp.float32, (1, 1, 1, 1)))(x, w))
+  with pytest.raises(Exception, match='mismatched dtypes'):
+    jax.block_until_ready(jax.jit(
+        lambda a, b: conv._call(0, a, b, (1, 6, 6, 4), jnp.float32, (1, 1, 1, 1)))(
+            x, w.astype(jnp.bfloat16)))
+
+
+def test_build_optional_accepts_only_missing_prerequisites(monkeypatch, tmp_path, capsys):
+  """`build --optional` (the README's set-up) goes on without a compiler or without oneDNN,
+  with one line saying so; a plain `build` fails on both, and nothing is written either way."""
+  from tvunet_jax.kernels import build  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'lib.so')
+  monkeypatch.setattr(build, 'onednn_root', lambda: str(tmp_path))  # "found"; no compiler
+  monkeypatch.setattr(build, 'compiler', lambda: None)
+  assert build.main(['--optional', '--out', out]) == 0
+  assert 'no C++ compiler found' in capsys.readouterr().err
+  assert build.main(['--out', out]) == 1
+  monkeypatch.setattr(build, 'onednn_root', lambda: None)
+  assert build.main(['--optional', '--out', out]) == 0
+  assert 'oneDNN not found' in capsys.readouterr().err
+  assert os.listdir(tmp_path) == []

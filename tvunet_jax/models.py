@@ -149,7 +149,7 @@ class SubpixelConvTranspose(nn.Module):
   bias_init: Initializer = zeros
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  conv_backend: str = 'xla'
+  conv_backend: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -191,7 +191,7 @@ class ConvBlock(nn.Module):
   bn_momentum: float = 0.99
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  conv_backend: str = 'xla'
+  conv_backend: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:

@@ -208,7 +208,9 @@ def model_contract(config: ml_collections.ConfigDict, image_size: tuple[int, int
       "resize": "bilinear with anti-aliasing (image), nearest (mask)",
       "threshold": config.eval.threshold,
       "output": "logits (B, H, W, num_outputs); probability = sigmoid",
-      "model": config.model.to_dict(),
+      # The conv backend is a property of the machine, not of the weights: inference picks its
+      # own ('auto', or TVUNET_CONV_BACKEND).
+      "model": {k: v for k, v in config.model.to_dict().items() if k != "conv_backend"},
   }
 
 

@@ -1,7 +1,7 @@
 r"""Builds the oneDNN convolution library (`onednn_conv.cc`) for the CPU fast path.
 
   pip install -e '.[onednn]'              # oneDNN 3.2 wheels: lib/ and include/ in the venv
-  python -m tvunet_jax.kernels.build      # g++ -> tvunet_jax/kernels/_onednn_conv.so (~30 s)
+  python -m tvunet_jax.kernels.build      # g++ -> tvunet_jax/kernels/_onednn_conv.so (~10 s)
 
 Needs a C++17 compiler (`$CXX`, else g++ or c++) and nothing from the system package manager:
 oneDNN comes from the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (found under the
@@ -23,6 +23,10 @@ import tempfile
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_conv.cc')
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_onednn_conv.so')
+
+
+class MissingPrerequisite(RuntimeError):
+  """oneDNN or a C++ compiler is not installed (`--optional` accepts this)."""
 
 
 def onednn_root() -> str | None:
@@ -47,12 +51,15 @@ def build(out: str = LIBRARY) -> str:
 
   root, cxx = onednn_root(), compiler()
   if root is None:
-    raise RuntimeError("oneDNN not found: run `pip install -e '.[onednn]'` (or set "
+    raise MissingPrerequisite("oneDNN not found: run `pip install -e '.[onednn]'` (or set "
                        'TVUNET_ONEDNN_ROOT to a prefix with include/oneapi/dnnl and lib/libdnnl.so.3)')
   if cxx is None:
-    raise RuntimeError('no C++ compiler found (set $CXX, or install g++)')
+    raise MissingPrerequisite('no C++ compiler found (set $CXX, or install g++)')
   lib = os.path.join(root, 'lib')
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(out))
+  try:
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(out))
+  except OSError as e:
+    raise RuntimeError(f'{out}: cannot write there ({e.strerror}); pass --out') from None
   os.close(fd)
   cmd = [cxx, '-std=c++17', '-O2', '-fPIC', '-shared', SOURCE, '-o', tmp,
          '-I', jax.ffi.include_dir(), '-I', os.path.join(root, 'include'),
@@ -78,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     path = build(args.out)
   except RuntimeError as e:
     print(f'tvunet_jax.kernels.build: {e}', file=sys.stderr)
-    missing = 'not found' in str(e)
-    if args.optional and missing:
+    if args.optional and isinstance(e, MissingPrerequisite):
       print('tvunet_jax.kernels.build: continuing with XLA convolutions', file=sys.stderr)
       return 0
     return 1

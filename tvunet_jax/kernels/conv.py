@@ -1,7 +1,7 @@
 """Which convolution the U-Net runs: oneDNN through the XLA FFI on CPU, XLA's own elsewhere.
 
 XLA:CPU's convolutions, above all their weight gradients, are several times slower than oneDNN's
-(`/work/shared/STACK.md`), so on CPU the U-Net's convolutions can call oneDNN primitives
+(measured in `experiments/README.md`), so on CPU the U-Net's convolutions can call oneDNN primitives
 (`onednn_conv.cc`, built by `python -m tvunet_jax.kernels.build`) as XLA custom calls. This module
 owns that choice and the JAX side of the kernels:
 
@@ -61,6 +61,7 @@ def _log_once(msg: str) -> None:
 
 
 def library_path() -> str:
+  """Where the kernel library is looked for: $TVUNET_ONEDNN_LIB, else next to this file."""
   return os.environ.get(ENV_LIBRARY) or _build.LIBRARY
 
 
@@ -85,10 +86,12 @@ def load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
+  """Whether the kernel library loads (and its FFI targets are registered)."""
   return load() is not None
 
 
 def onednn_version() -> str | None:
+  """oneDNN's version ('3.2.0'), or None without the library."""
   lib = load()
   if lib is None:
     return None
@@ -99,7 +102,16 @@ def onednn_version() -> str | None:
 
 def impl_info(op: int, dtype: Any, x_shape: Sequence[int], w_shape: Sequence[int],
               pads: Sequence[int]) -> str:
-  """oneDNN's kernel for op 0 (forward), 1 (input grad) or 2 (weight grad), e.g. 'jit:avx2'."""
+  """oneDNN's kernel for op 0 (forward), 1 (input grad) or 2 (weight grad), e.g. 'jit:avx2'.
+
+  Args:
+    op: 0, 1 or 2.
+    dtype: float32 or bfloat16 (activations).
+    x_shape: (N, H, W, Ci); w_shape: (KH, KW, Ci, Co).
+    pads: (top, bottom, left, right).
+
+  Raises RuntimeError when the library is missing or oneDNN has no kernel for the case.
+  """
   lib = load()
   if lib is None:
     raise RuntimeError(_state['why'])
@@ -181,10 +193,14 @@ def _bwd_weights_local(x, dy, w_shape, pads):
 
 def onednn_ops(x: jax.Array, w: jax.Array, dy: jax.Array, pads: tuple[int, int, int, int]
                ) -> dict[str, Callable[[], jax.Array]]:
-  """The three kernels alone, unjitted, for timing: {'forward', 'input_grad', 'weight_grad'}."""
-  return {'forward': lambda: _fwd_local(x, w, pads),
-          'input_grad': lambda: _bwd_data_local(dy, w, x.shape[1:3], pads),
-          'weight_grad': lambda: _bwd_weights_local(x, dy, w.shape, pads)}
+  """The three kernels alone, for timing: name -> (function, its array arguments).
+
+  x: (N, H, W, Ci), w: (KH, KW, Ci, Co), dy: the forward output's shape, all one float dtype;
+  pads (top, bottom, left, right). Jit each function and call it on its arguments.
+  """
+  return {'forward': (lambda x, w: _fwd_local(x, w, pads), (x, w)),
+          'input_grad': (lambda dy, w: _bwd_data_local(dy, w, x.shape[1:3], pads), (dy, w)),
+          'weight_grad': (lambda x, dy: _bwd_weights_local(x, dy, w.shape, pads), (x, dy))}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -279,6 +295,7 @@ def conv_general_dilated(backend: str = 'auto') -> Callable[..., jax.Array]:
           rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
           feature_group_count=feature_group_count, batch_group_count=batch_group_count,
           precision=precision, preferred_element_type=preferred_element_type)
+    # `precision` does not apply: oneDNN computes float32 in float32 and bf16 with f32 sums.
     if lhs.dtype == jnp.bfloat16 and not native_bf16():
       return onednn_conv(lhs.astype(jnp.float32), rhs.astype(jnp.float32),
                          pads).astype(jnp.bfloat16)

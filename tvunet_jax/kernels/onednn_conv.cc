@@ -11,16 +11,23 @@
 // call into the layout oneDNN's kernel prefers (as PyTorch does), since they are small next to the
 // activations at every level but the bottleneck.
 //
-// Primitives are built once per (op, dtype, shape, padding) and cached; they are immutable, and
-// every call brings its own scratchpad and stream, so concurrent calls from XLA's per-device
-// threads are safe. A few extern "C" helpers (version, chosen implementation) serve the Python
-// wrapper, the tests and the benchmark through ctypes.
+// Primitives are built once per (op, dtype, shape, padding) and cached. Calls run one at a time:
+// each already spreads over every core through oneDNN's OpenMP pool, so letting XLA run two at once
+// (a layer's independent input and weight gradients, or several devices of one host) would only
+// oversubscribe the cores (measured: no gain), and one set of work buffers, sized by the largest
+// layer, serves every call instead of one set per XLA thread. All primitives, reorders included,
+// take their scratchpad from that set (oneDNN's "user" scratchpad mode), so none depends on
+// oneDNN's per-thread library scratchpad. A few extern "C" helpers (version, chosen
+// implementation) serve the Python wrapper, the tests and the benchmark through ctypes.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -52,7 +59,7 @@ struct Entry {
   memory::desc x_prim_md, dy_prim_md;
   bool reorder_x = false, reorder_dy = false;
   dnnl::reorder x_reorder, dy_reorder;
-  memory::desc scratch_md;
+  size_t scratch_bytes = 0;  // the largest scratchpad of the primitive and its reorders
   std::string impl;
 };
 
@@ -61,21 +68,31 @@ dnnl::engine& Engine() {
   return *engine;
 }
 
-// A 64-byte aligned, grow-only buffer; one per thread and role.
+// A 64-byte aligned, grow-only work buffer (used under the execution lock only).
 struct Buffer {
   void* ptr = nullptr;
   size_t size = 0;
   void* Get(size_t bytes) {
-    if (bytes > size) {
+    if (bytes > size || ptr == nullptr) {
       std::free(ptr);
-      size = (bytes + 4095) / 4096 * 4096;
+      size = (std::max<size_t>(bytes, 1) + 4095) / 4096 * 4096;
       ptr = std::aligned_alloc(64, size);
-      if (ptr == nullptr) size = 0;
+      if (ptr == nullptr) {
+        size = 0;
+        throw std::bad_alloc();
+      }
     }
     return ptr;
   }
-  ~Buffer() { std::free(ptr); }
 };
+
+dnnl::reorder MakeReorder(const memory::desc& from, const memory::desc& to, size_t* scratch) {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const dnnl::reorder::primitive_desc pd(Engine(), from, Engine(), to, attr);
+  *scratch = std::max(*scratch, pd.scratchpad_desc().get_size());
+  return dnnl::reorder(pd);
+}
 
 std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
   const auto dt = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
@@ -99,7 +116,7 @@ std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
     e->prim = dnnl::convolution_forward(fwd_pd);
     e->wei_prim_md = fwd_pd.weights_desc();
     e->wei_user_md = memory::desc(wei_dims, dt, tag::hwio);
-    e->scratch_md = fwd_pd.scratchpad_desc();
+    e->scratch_bytes = std::max(e->scratch_bytes, fwd_pd.scratchpad_desc().get_size());
     e->impl = fwd_pd.impl_info_str();
   } else if (op == kBwdData) {
     const auto pd = dnnl::convolution_backward_data::primitive_desc(
@@ -108,7 +125,7 @@ std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
     e->prim = dnnl::convolution_backward_data(pd);
     e->wei_prim_md = pd.weights_desc();
     e->wei_user_md = memory::desc(wei_dims, dt, tag::hwio);
-    e->scratch_md = pd.scratchpad_desc();
+    e->scratch_bytes = std::max(e->scratch_bytes, pd.scratchpad_desc().get_size());
     e->impl = pd.impl_info_str();
   } else {
     // The weight gradient lets oneDNN pick the activation layout too: on AVX2 its NHWC kernel is
@@ -123,26 +140,18 @@ std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
     e->dy_prim_md = pd.diff_dst_desc();
     e->reorder_x = e->x_prim_md != src_md;
     e->reorder_dy = e->dy_prim_md != dst_md;
-    if (e->reorder_x) {
-      e->x_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(Engine(), src_md, Engine(), e->x_prim_md));
-    }
-    if (e->reorder_dy) {
-      e->dy_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(Engine(), dst_md, Engine(), e->dy_prim_md));
-    }
+    if (e->reorder_x) e->x_reorder = MakeReorder(src_md, e->x_prim_md, &e->scratch_bytes);
+    if (e->reorder_dy) e->dy_reorder = MakeReorder(dst_md, e->dy_prim_md, &e->scratch_bytes);
     e->wei_prim_md = pd.diff_weights_desc();
     e->wei_user_md = memory::desc(wei_dims, memory::data_type::f32, tag::hwio);
-    e->scratch_md = pd.scratchpad_desc();
+    e->scratch_bytes = std::max(e->scratch_bytes, pd.scratchpad_desc().get_size());
     e->impl = pd.impl_info_str();
   }
   e->reorder = e->wei_prim_md != e->wei_user_md;
   if (e->reorder) {
     e->wei_reorder = op == kBwdWeights
-                         ? dnnl::reorder(dnnl::reorder::primitive_desc(
-                               Engine(), e->wei_prim_md, Engine(), e->wei_user_md))
-                         : dnnl::reorder(dnnl::reorder::primitive_desc(
-                               Engine(), e->wei_user_md, Engine(), e->wei_prim_md));
+                         ? MakeReorder(e->wei_prim_md, e->wei_user_md, &e->scratch_bytes)
+                         : MakeReorder(e->wei_user_md, e->wei_prim_md, &e->scratch_bytes);
   }
   return e;
 }
@@ -214,19 +223,34 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
   }
   try {
     const auto entry = Lookup(op, dt == ffi::DataType::BF16, g);
-    thread_local Buffer scratch, weights, x_buf, dy_buf;
-    thread_local dnnl::stream* stream = new dnnl::stream(Engine());
+    static std::mutex* run_mu = new std::mutex;
+    static auto* scratch = new Buffer;
+    static auto* weights = new Buffer;
+    static auto* x_buf = new Buffer;
+    static auto* dy_buf = new Buffer;
+    static dnnl::stream* stream = nullptr;
+    std::lock_guard<std::mutex> lock(*run_mu);
     auto& eng = Engine();
+    if (stream == nullptr) stream = new dnnl::stream(eng);
     const auto adt = dt == ffi::DataType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
     const memory::desc x_md({g.n, g.ci, g.h, g.w}, adt, tag::nhwc);
     const memory::desc y_md({g.n, g.co, g.ho, g.wo}, adt, tag::nhwc);
-    memory scratch_mem(entry->scratch_md, eng, scratch.Get(entry->scratch_md.get_size() + 64));
+    // One scratchpad serves the primitive and its reorders: they run one after another on the
+    // in-order CPU stream. Described as a byte array of the largest size any of them needs.
+    const memory::desc scratch_md({static_cast<memory::dim>(std::max<size_t>(
+                                      entry->scratch_bytes, 1))},
+                                  memory::data_type::u8, tag::a);
+    memory scratch_mem(scratch_md, eng, scratch->Get(entry->scratch_bytes));
+    auto reorder = [&](dnnl::reorder& r, memory& from, memory& to) {
+      r.execute(*stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                          {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+    };
     if (op == kFwd || op == kBwdData) {
       memory wei_user(entry->wei_user_md, eng, b.untyped_data());
       memory wei = wei_user;
       if (entry->reorder) {
-        wei = memory(entry->wei_prim_md, eng, weights.Get(entry->wei_prim_md.get_size()));
-        entry->wei_reorder.execute(*stream, wei_user, wei);
+        wei = memory(entry->wei_prim_md, eng, weights->Get(entry->wei_prim_md.get_size()));
+        reorder(entry->wei_reorder, wei_user, wei);
       }
       if (op == kFwd) {
         memory x(x_md, eng, a.untyped_data()), y(y_md, eng, out->untyped_data());
@@ -240,27 +264,25 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
     } else {
       memory x(x_md, eng, a.untyped_data()), dy(y_md, eng, b.untyped_data());
       if (entry->reorder_x) {
-        memory xr(entry->x_prim_md, eng, x_buf.Get(entry->x_prim_md.get_size()));
-        entry->x_reorder.execute(*stream, x, xr);
+        memory xr(entry->x_prim_md, eng, x_buf->Get(entry->x_prim_md.get_size()));
+        reorder(entry->x_reorder, x, xr);
         x = xr;
       }
       if (entry->reorder_dy) {
-        memory dyr(entry->dy_prim_md, eng, dy_buf.Get(entry->dy_prim_md.get_size()));
-        entry->dy_reorder.execute(*stream, dy, dyr);
+        memory dyr(entry->dy_prim_md, eng, dy_buf->Get(entry->dy_prim_md.get_size()));
+        reorder(entry->dy_reorder, dy, dyr);
         dy = dyr;
       }
       memory dw_user(entry->wei_user_md, eng, out->untyped_data());
       memory dw = entry->reorder ? memory(entry->wei_prim_md, eng,
-                                          weights.Get(entry->wei_prim_md.get_size()))
+                                          weights->Get(entry->wei_prim_md.get_size()))
                                  : dw_user;
       entry->prim.execute(*stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy},
                                     {DNNL_ARG_DIFF_WEIGHTS, dw}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-      if (entry->reorder) entry->wei_reorder.execute(*stream, dw, dw_user);
+      if (entry->reorder) reorder(entry->wei_reorder, dw, dw_user);
     }
     stream->wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("tvunet oneDNN conv: ") + e.what());
-  } catch (const std::exception& e) {
+  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc, ...
     return ffi::Error::Internal(std::string("tvunet oneDNN conv: ") + e.what());
   }
   return ffi::Error::Success();
@@ -311,6 +333,10 @@ int tvunet_onednn_impl(int op, int bf16, int64_t n, int64_t h, int64_t w, int64_
                        int64_t right, char* out, int len) {
   const Geometry g{n, h, w, ci, kh, kw, co, h + top + bottom - kh + 1, w + left + right - kw + 1,
                    top, bottom, left, right};
+  if (op < kFwd || op > kBwdWeights) {
+    std::snprintf(out, len, "op must be 0 (forward), 1 (input grad) or 2 (weight grad)");
+    return -1;
+  }
   try {
     const auto e = Lookup(static_cast<Op>(op), bf16 != 0, g);
     std::snprintf(out, len, "%s", e->impl.c_str());
