@@ -45,3 +45,30 @@ def tiny_config_for(tiny_data):
 def tiny_config(tiny_data):
   """The tiny config pointed at the session's prebuilt data (unlocked for per-test edits)."""
   return tiny_config_for(tiny_data)
+
+
+def random_variables(model, x_shape, seed=0):
+  """Random variables with `model`'s tree at input shape `x_shape`, without running its
+  initialisers (no init compile). Biases, BatchNorm scales, offsets and statistics are random too,
+  so they are exercised; kernels are He-scaled. Returns numpy arrays."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == 'kernel':
+      value = rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))
+    elif name == 'var':
+      value = rng.uniform(0.5, 1.5, size=s.shape)
+    elif name == 'scale':
+      value = 1.0 + 0.1 * rng.normal(size=s.shape)
+    else:  # biases, BatchNorm offsets and means
+      value = 0.1 * rng.normal(size=s.shape)
+    return np.asarray(value, s.dtype)
+
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros(x_shape, jnp.float32))
+  return jax.tree_util.tree_map_with_path(fill, shapes)

@@ -45,6 +45,7 @@ from tvunet_jax import models
 from tvunet_jax import sharding
 from tvunet_jax import train
 from tvunet_jax.kernels import conv
+from tests.conftest import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -109,6 +110,17 @@ def _fwd_and_grads(conv_fn, x, w, cot):
   y, vjp = jax.vjp(conv_fn, x, w)
   dx, dw = vjp(cot)
   return y, dx, dw
+
+
+def _assert_bf16_matches_f32_reference(got, x, w, cot, pads):
+  """`got` = (y, dx, dw) in bfloat16, within bf16 rounding of the float32 reference computed on
+  the same (bf16-rounded) inputs."""
+  f32 = lambda a: a.astype(jnp.float32)
+  want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, pads)))(
+      f32(x), f32(w), f32(cot))
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert g.dtype == jnp.bfloat16, (name, g.dtype)
+    assert _rel_err(g, r) <= 1e-2, (name, _rel_err(g, r))
 
 
 def _lowered(fn, *args):
@@ -237,12 +249,7 @@ def test_bfloat16_through_drop_in_matches_float32_reference(x_shape, w_shape, pa
       a, b, (1, 1), padding, dimension_numbers=NHWC)
   assert _uses_onednn(drop_in, x, w)
   got = jax.jit(functools.partial(_fwd_and_grads, drop_in))(x, w, cot)
-  f32 = lambda a: a.astype(jnp.float32)
-  want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, pads)))(
-      f32(x), f32(w), f32(cot))
-  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
-    assert g.dtype == jnp.bfloat16, (name, g.dtype)
-    assert _rel_err(g, r) <= 1e-2, (name, _rel_err(g, r))
+  _assert_bf16_matches_f32_reference(got, x, w, cot, pads)
 
 
 @needs_onednn
@@ -258,12 +265,7 @@ def test_native_bfloat16_kernels_match_float32_reference():
   cot = _normal(2, _out_shape(x_shape, w_shape, pads), jnp.bfloat16)
   got = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: conv.onednn_conv(a, b, pads)))(
       x, w, cot)
-  f32 = lambda a: a.astype(jnp.float32)
-  want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, pads)))(
-      f32(x), f32(w), f32(cot))
-  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
-    assert g.dtype == jnp.bfloat16, (name, g.dtype)
-    assert _rel_err(g, r) <= 1e-2, (name, _rel_err(g, r))
+  _assert_bf16_matches_f32_reference(got, x, w, cot, pads)
 
 
 # ------------------------------------------------------------ 3. the drop-in: padding, fallbacks
@@ -480,29 +482,6 @@ def tiny_variables():
   return jax.jit(init)(jax.random.key(0, impl='rbg'))
 
 
-def _random_variables(model, x_shape, seed=0):
-  """Random variables with `model`'s tree, without running its initialisers (no compile).
-
-  Biases, BatchNorm scales, offsets and statistics are random too, so they are exercised.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = path[-1].key
-    if name == 'kernel':
-      value = rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))
-    elif name == 'var':
-      value = rng.uniform(0.5, 1.5, size=s.shape)
-    elif name == 'scale':
-      value = 1.0 + 0.1 * rng.normal(size=s.shape)
-    else:  # biases, BatchNorm offsets and means
-      value = 0.1 * rng.normal(size=s.shape)
-    return np.asarray(value, s.dtype)
-
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                          jnp.zeros(x_shape, jnp.float32))
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
 
 def _assert_trees_close(got, want, rtol, name):
   """Per leaf max|got - want| <= rtol * max|want|; conv biases before BatchNorm (true gradient 0,
@@ -604,7 +583,7 @@ def test_sharded_train_step_matches_one_device():
   assert model.conv_backend == 'onednn' and model.dropout > 0
   lr = 1e3
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
-  variables = _random_variables(model, (1, 16, 16, 1))
+  variables = random_variables(model, (1, 16, 16, 1))
   params = variables['params']
   state = train.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables['batch_stats'],

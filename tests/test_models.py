@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import random_variables
 from tvunet_jax import models
 
 KEY = jax.random.key(0)  # only traced by eval_shape or never reached (errors)
@@ -36,25 +37,8 @@ def _shapes(model, shape):
 
 
 def _variables(model, shape, seed=0):
-  """Random variables with the model's tree, without running its initialisers.
-
-  Biases, BN scales/offsets and statistics are random too, so they are exercised.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = path[-1].key
-    if name == 'kernel':
-      value = rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))
-    elif name == 'var':
-      value = rng.uniform(0.5, 1.5, size=s.shape)
-    elif name == 'scale':
-      value = 1.0 + 0.1 * rng.normal(size=s.shape)
-    else:  # biases, BN offsets and means
-      value = 0.1 * rng.normal(size=s.shape)
-    return jnp.asarray(value, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, _shapes(model, shape))
+  """conftest.random_variables as jax arrays."""
+  return jax.tree.map(jnp.asarray, random_variables(model, shape, seed))
 
 
 def _apply_fn(model):
