@@ -51,6 +51,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 FWD, BWD_DATA, BWD_WEIGHTS = ('tvunet_onednn_conv_fwd', 'tvunet_onednn_conv_bwd_data',
                               'tvunet_onednn_conv_bwd_weights')
+DFWD, DBWD_DATA, DBWD_WEIGHTS = ('tvunet_onednn_deconv_fwd', 'tvunet_onednn_deconv_bwd_data',
+                                 'tvunet_onednn_deconv_bwd_weights')
 REQUIRE_ONEDNN = os.environ.get('TVUNET_REQUIRE_ONEDNN') == '1'
 
 
@@ -552,12 +554,14 @@ def _shapes_by_call(hlo, target):
 def _batch_dims(hlo):
   """Batch sizes seen by every oneDNN custom call: the activation operands and results."""
   dims = []
-  for result, *operands in _shapes_by_call(hlo, FWD):  # x -> y
-    dims += [operands[0][0], result[0]]
-  for result, *operands in _shapes_by_call(hlo, BWD_DATA):  # dy -> dx
-    dims += [operands[0][0], result[0]]
-  for _, *operands in _shapes_by_call(hlo, BWD_WEIGHTS):  # x, dy -> dw (weights: no batch)
-    dims += [operands[0][0], operands[1][0]]
+  for fwd, bwd_data, bwd_weights in ((FWD, BWD_DATA, BWD_WEIGHTS),
+                                     (DFWD, DBWD_DATA, DBWD_WEIGHTS)):
+    for result, *operands in _shapes_by_call(hlo, fwd):  # x -> y
+      dims += [operands[0][0], result[0]]
+    for result, *operands in _shapes_by_call(hlo, bwd_data):  # dy -> dx
+      dims += [operands[0][0], result[0]]
+    for _, *operands in _shapes_by_call(hlo, bwd_weights):  # x, dy -> dw (weights: no batch)
+      dims += [operands[0][0], operands[1][0]]
   return dims
 
 
@@ -608,9 +612,13 @@ def test_sharded_train_step_matches_one_device():
     new_state, metrics = sharding.under_mesh(mesh, jitted)(s, b)
     results[n] = jax.device_get((new_state, metrics))
 
+  n_up = cfg.model.depth  # one transposed conv (up-sampling) per level
   for n, per_call in ((1, 16), (8, 2)):
-    assert len(_shapes_by_call(hlos[n], FWD)) == n_convs, n  # every conv on oneDNN
-    assert len(_shapes_by_call(hlos[n], BWD_WEIGHTS)) == n_convs, n
+    # every conv on oneDNN: the up-samplings as transposed convs, the rest as convs
+    for fwd, bwd_weights, count in ((FWD, BWD_WEIGHTS, n_convs - n_up),
+                                    (DFWD, DBWD_WEIGHTS, n_up)):
+      assert len(_shapes_by_call(hlos[n], fwd)) == count, (n, fwd)
+      assert len(_shapes_by_call(hlos[n], bwd_weights)) == count, (n, bwd_weights)
     dims = _batch_dims(hlos[n])
     assert dims and set(dims) == {per_call}, (n, sorted(set(dims)))
   assert 'all-gather' not in hlos[8]
@@ -673,3 +681,140 @@ def test_build_optional_accepts_only_missing_prerequisites(monkeypatch, tmp_path
   assert build.main(['--optional', '--out', out]) == 0
   assert 'oneDNN not found' in capsys.readouterr().err
   assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------ 7. the transposed convolution
+
+
+def _ref_conv_t(x, w, strides, padding):
+  """The reference: `lax.conv_transpose` (flax's convention) at full float32 precision."""
+  return lax.conv_transpose(x, w, strides, padding, dimension_numbers=NHWC,
+                            precision=lax.Precision.HIGHEST)
+
+
+def _uses_onednn_deconv(fn, *args):
+  return 'tvunet_onednn_deconv' in _lowered(fn, *args)
+
+
+# (x shape, w shape, strides, padding): the U-Net's up-sampling (3x3, stride 2, SAME) at its
+# channel widths, then odd ones; non-square images and kernels catch swapped H/W.
+TRANSPOSE_CASES = {
+    'unet_3x3_s2_same': ((2, 4, 4, 16), (3, 3, 16, 8), (2, 2), 'SAME'),
+    'nonsquare_odd_ch_batch1': ((1, 5, 3, 7), (3, 3, 7, 5), (2, 2), 'SAME'),
+    'valid_3x3_s2': ((2, 4, 6, 3), (3, 3, 3, 4), (2, 2), 'VALID'),
+    'same_2x2_s2': ((2, 3, 5, 4), (2, 2, 4, 3), (2, 2), 'SAME'),
+    'same_3x2_s2': ((1, 4, 5, 3), (3, 2, 3, 5), (2, 2), 'SAME'),
+    'same_3x3_s3': ((1, 4, 5, 3), (3, 3, 3, 5), (3, 3), 'SAME'),
+    'same_4x4_s2': ((2, 5, 4, 3), (4, 4, 3, 2), (2, 2), 'SAME'),
+    'same_3x3_s1': ((2, 5, 6, 3), (3, 3, 3, 4), (1, 1), 'SAME'),
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize('x_shape, w_shape, strides, padding', TRANSPOSE_CASES.values(),
+                         ids=TRANSPOSE_CASES.keys())
+def test_conv_transpose_matches_lax_float32(x_shape, w_shape, strides, padding):
+  """`conv_transpose('onednn')` (one oneDNN deconvolution per pass, kernel flipped and pads
+  converted) equals `lax.conv_transpose` forward, input gradient and weight gradient at 1e-5:
+  pins the flip, the (lo, hi) -> oneDNN pad conversion per axis, and the three handlers."""
+  x, w = _normal(0, x_shape), _normal(1, w_shape)
+  ref = functools.partial(_ref_conv_t, strides=strides, padding=padding)
+  cot = _normal(2, jax.eval_shape(ref, x, w).shape)
+  mine = lambda a, b: conv.conv_transpose('onednn')(a, b, strides, padding,
+                                                    dimension_numbers=NHWC)
+  assert _uses_onednn_deconv(mine, x, w)
+  got = jax.jit(functools.partial(_fwd_and_grads, mine))(x, w, cot)
+  want = jax.jit(functools.partial(_fwd_and_grads, ref))(x, w, cot)
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert g.shape == r.shape and g.dtype == jnp.float32, name
+    assert _rel_err(g, r) <= 1e-5, (name, _rel_err(g, r))
+
+
+@needs_onednn
+def test_onednn_conv_transpose_matches_numpy_scatter():
+  """`onednn_conv_transpose` in oneDNN's own convention against a numpy scatter loop:
+  out[s * i - top + k] += x[i] w[k] per axis, cropped by the pads (asymmetric here)."""
+  x_shape, w_shape, stride, pads = (1, 3, 4, 2), (3, 2, 2, 3), 2, (1, 0, 0, 1)
+  x, w = _normal(3, x_shape), _normal(4, w_shape)
+  y = np.asarray(jax.jit(lambda a, b: conv.onednn_conv_transpose(a, b, stride, pads))(x, w))
+  xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  (_, h, wd, _), (kh, kw, _, co) = x_shape, w_shape
+  full = np.zeros((1, (h - 1) * stride + kh, (wd - 1) * stride + kw, co))
+  for i in range(h):
+    for j in range(wd):
+      for a in range(kh):
+        for b in range(kw):
+          full[:, stride * i + a, stride * j + b] += xn[:, i, j] @ wn[a, b]
+  ref = full[:, pads[0]:full.shape[1] - pads[1], pads[2]:full.shape[2] - pads[3]]
+  assert y.shape == ref.shape
+  assert _rel_err(y, ref) <= 1e-5
+
+
+@needs_onednn
+def test_conv_transpose_kernels_are_optimised():
+  """oneDNN picks real kernels (not 'ref') for the U-Net's up-sampling, all three passes."""
+  for op in (3, 4, 5):
+    impl = conv.impl_info(op, jnp.float32, (2, 8, 8, 32), (3, 3, 32, 16), (0, 1, 0, 1), 2)
+    assert impl and not impl.startswith('ref'), (op, impl)
+
+
+@needs_onednn
+def test_conv_transpose_bfloat16_within_rounding():
+  """bf16 through `conv_transpose('onednn')`: bf16 results within bf16 rounding of the float32
+  reference on the same bf16-rounded inputs (native kernels or f32-and-round, per CPU)."""
+  x_shape, w_shape, strides, padding = TRANSPOSE_CASES['unet_3x3_s2_same']
+  x, w = _normal(0, x_shape, jnp.bfloat16), _normal(1, w_shape, jnp.bfloat16)
+  ref = functools.partial(_ref_conv_t, strides=strides, padding=padding)
+  cot = _normal(2, jax.eval_shape(ref, x, w).shape, jnp.bfloat16)
+  mine = lambda a, b: conv.conv_transpose('onednn')(a, b, strides, padding,
+                                                    dimension_numbers=NHWC)
+  assert _uses_onednn_deconv(mine, x, w)
+  got = jax.jit(functools.partial(_fwd_and_grads, mine))(x, w, cot)
+  f32 = lambda a: a.astype(jnp.float32)
+  want = jax.jit(functools.partial(_fwd_and_grads, ref))(f32(x), f32(w), f32(cot))
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert g.dtype == jnp.bfloat16, (name, g.dtype)
+    assert _rel_err(g, r) <= 1e-2, (name, _rel_err(g, r))
+
+
+@needs_onednn
+def test_conv_transpose_under_a_data_mesh_matches_lax():
+  """Per-shard transposed convs under an 8-device data mesh: the weight gradient is psummed."""
+  mesh = sharding.make_mesh(8)
+  x_shape, w_shape, strides, padding = TRANSPOSE_CASES['unet_3x3_s2_same']
+  x_shape = (8, *x_shape[1:])
+  x = jax.device_put(_normal(0, x_shape), sharding.batch_sharding(mesh))
+  w = _normal(1, w_shape)
+  ref = functools.partial(_ref_conv_t, strides=strides, padding=padding)
+  cot = jax.device_put(_normal(2, jax.eval_shape(ref, x, w).shape), sharding.batch_sharding(mesh))
+  mine = lambda a, b: conv.conv_transpose('onednn')(a, b, strides, padding,
+                                                    dimension_numbers=NHWC)
+  got = sharding.under_mesh(mesh, jax.jit(functools.partial(_fwd_and_grads, mine)))(x, w, cot)
+  want = jax.jit(functools.partial(_fwd_and_grads, ref))(x, w, cot)
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert _rel_err(g, r) <= 1e-5, (name, _rel_err(g, r))
+
+
+TRANSPOSE_FALLBACKS = {
+    'transpose_kernel': dict(strides=(2, 2), padding='SAME', transpose_kernel=True),
+    'unequal_strides': dict(strides=(2, 1), padding='SAME'),
+    'explicit_padding': dict(strides=(2, 2), padding=((2, 1), (2, 1))),
+    # lax pads the dilated input by more than k - 1 at the end: no oneDNN crop equals it
+    'same_stride_above_kernel': dict(strides=(4, 4), padding='SAME'),
+    'rhs_dilation_2': dict(strides=(2, 2), padding='SAME', rhs_dilation=(2, 2)),
+    'preferred_element_type': dict(strides=(2, 2), padding='SAME',
+                                   preferred_element_type=jnp.float32),
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize('kwargs', TRANSPOSE_FALLBACKS.values(), ids=TRANSPOSE_FALLBACKS.keys())
+def test_conv_transpose_falls_back_to_lax(kwargs):
+  """What the oneDNN path does not take goes to `lax.conv_transpose` unchanged (bitwise)."""
+  # transpose_kernel=True reads the kernel as (KH, KW, Co, Ci)
+  w_shape = (3, 3, 4, 3) if kwargs.get('transpose_kernel') else (3, 3, 3, 4)
+  x, w = _normal(0, (2, 5, 4, 3)), _normal(1, w_shape)
+  mine = lambda a, b: conv.conv_transpose('onednn')(a, b, dimension_numbers=NHWC, **kwargs)
+  assert not _uses_onednn_deconv(mine, x, w)
+  xla = lambda a, b: lax.conv_transpose(a, b, dimension_numbers=NHWC, **kwargs)
+  np.testing.assert_array_equal(jax.jit(mine)(x, w), jax.jit(xla)(x, w))

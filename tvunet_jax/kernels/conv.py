@@ -47,7 +47,8 @@ ENV_BACKEND = 'TVUNET_CONV_BACKEND'
 ENV_LIBRARY = 'TVUNET_ONEDNN_LIB'  # a library built elsewhere; default: next to this file
 DATA_AXIS = 'data'  # sharding.DATA_AXIS (not imported: sharding must not depend on kernels)
 _TARGETS = {0: 'tvunet_onednn_conv_fwd', 1: 'tvunet_onednn_conv_bwd_data',
-            2: 'tvunet_onednn_conv_bwd_weights'}
+            2: 'tvunet_onednn_conv_bwd_weights', 3: 'tvunet_onednn_deconv_fwd',
+            4: 'tvunet_onednn_deconv_bwd_data', 5: 'tvunet_onednn_deconv_bwd_weights'}
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 _state: dict[str, Any] = {}
@@ -78,7 +79,7 @@ def load() -> ctypes.CDLL | None:
         for name in _TARGETS.values():
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
         lib.tvunet_onednn_impl.argtypes = (
-            [ctypes.c_int] * 2 + [ctypes.c_int64] * 11 + [ctypes.c_char_p, ctypes.c_int])
+            [ctypes.c_int] * 2 + [ctypes.c_int64] * 12 + [ctypes.c_char_p, ctypes.c_int])
       except (OSError, AttributeError) as e:  # e.g. libdnnl.so.3 moved since the build
         _state['why'], lib = f'{path} does not load: {e}', None
     _state['lib'] = lib
@@ -101,14 +102,16 @@ def onednn_version() -> str | None:
 
 
 def impl_info(op: int, dtype: Any, x_shape: Sequence[int], w_shape: Sequence[int],
-              pads: Sequence[int]) -> str:
+              pads: Sequence[int], stride: int = 1) -> str:
   """oneDNN's kernel for op 0 (forward), 1 (input grad) or 2 (weight grad), e.g. 'jit:avx2'.
 
   Args:
-    op: 0, 1 or 2.
+    op: 0, 1 or 2 for a stride-1 convolution; 3, 4, 5 for the same of oneDNN's transposed
+      convolution (see `onednn_conv_transpose`).
     dtype: float32 or bfloat16 (activations).
     x_shape: (N, H, W, Ci); w_shape: (KH, KW, Ci, Co).
-    pads: (top, bottom, left, right).
+    pads: (top, bottom, left, right), oneDNN's.
+    stride: the transposed convolution's stride (1 for ops 0-2).
 
   Raises RuntimeError when the library is missing or oneDNN has no kernel for the case.
   """
@@ -119,7 +122,7 @@ def impl_info(op: int, dtype: Any, x_shape: Sequence[int], w_shape: Sequence[int
   kh, kw, _, co = w_shape
   buf = ctypes.create_string_buffer(256)
   bf16 = int(jnp.dtype(dtype) == jnp.bfloat16)
-  rc = lib.tvunet_onednn_impl(op, bf16, n, h, w, ci, kh, kw, co, *pads, buf, 256)
+  rc = lib.tvunet_onednn_impl(op, bf16, n, h, w, ci, kh, kw, co, *pads, stride, buf, 256)
   if rc != 0:
     raise RuntimeError(f'oneDNN: {buf.value.decode()}')
   return buf.value.decode()
@@ -155,15 +158,17 @@ def resolve(backend: str) -> str:
 # --- the kernels ---------------------------------------------------------------------------------
 
 def _call(op: int, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], out_dtype: Any,
-          pads: tuple[int, int, int, int]) -> jax.Array:
+          pads: tuple[int, int, int, int], stride: int | None = None) -> jax.Array:
   if load() is None:
     raise RuntimeError(f'oneDNN convolutions unavailable: {_state["why"]}')
   top, bottom, left, right = pads
+  attrs = dict(top=np.int64(top), bottom=np.int64(bottom), left=np.int64(left),
+               right=np.int64(right))
+  if stride is not None:  # the transposed convolution's targets (ops 3-5) take a stride
+    attrs['stride'] = np.int64(stride)
   # vmap runs the kernel once per mapped element (it takes rank-4 operands only).
   return jax.ffi.ffi_call(_TARGETS[op], jax.ShapeDtypeStruct(out_shape, out_dtype),
-                          vmap_method='sequential')(
-      a, b, top=np.int64(top), bottom=np.int64(bottom), left=np.int64(left),
-      right=np.int64(right))
+                          vmap_method='sequential')(a, b, **attrs)
 
 
 def _data_mesh(batch: int) -> Any:
@@ -176,34 +181,78 @@ def _data_mesh(batch: int) -> Any:
   return mesh if batch % mesh.shape[DATA_AXIS] == 0 else None
 
 
-def _fwd_local(x, w, pads):
-  n, h, wd, _ = x.shape
-  kh, kw, _, co = w.shape
-  out = (n, h + pads[0] + pads[1] - kh + 1, wd + pads[2] + pads[3] - kw + 1, co)
-  return _call(0, x, w, out, x.dtype, pads)
+def _out_hw(x_hw, w_shape, pads, stride):
+  (h, w), (kh, kw) = x_hw, w_shape[:2]
+  if stride is None:  # stride-1 convolution
+    return h + pads[0] + pads[1] - kh + 1, w + pads[2] + pads[3] - kw + 1
+  return (h - 1) * stride - pads[0] - pads[1] + kh, (w - 1) * stride - pads[2] - pads[3] + kw
 
 
-def _bwd_data_local(dy, w, x_hw, pads):
-  return _call(1, dy, w, (dy.shape[0], *x_hw, w.shape[2]), dy.dtype, pads)
+# `stride` None: the stride-1 convolution (ops 0-2); an int: oneDNN's transposed convolution of
+# that stride (ops 3-5).
+def _fwd_local(x, w, pads, stride=None):
+  out = (x.shape[0], *_out_hw(x.shape[1:3], w.shape, pads, stride), w.shape[3])
+  return _call(0 if stride is None else 3, x, w, out, x.dtype, pads, stride)
 
 
-def _bwd_weights_local(x, dy, w_shape, pads):
-  return _call(2, x, dy, w_shape, jnp.float32, pads)
+def _bwd_data_local(dy, w, x_hw, pads, stride=None):
+  return _call(1 if stride is None else 4, dy, w, (dy.shape[0], *x_hw, w.shape[2]), dy.dtype,
+               pads, stride)
 
 
-def onednn_ops(x: jax.Array, w: jax.Array, dy: jax.Array, pads: tuple[int, int, int, int]
-               ) -> dict[str, Callable[[], jax.Array]]:
+def _bwd_weights_local(x, dy, w_shape, pads, stride=None):
+  return _call(2 if stride is None else 5, x, dy, w_shape, jnp.float32, pads, stride)
+
+
+def onednn_ops(x: jax.Array, w: jax.Array, dy: jax.Array, pads: tuple[int, int, int, int],
+               stride: int | None = None) -> dict[str, Callable[[], jax.Array]]:
   """The three kernels alone, for timing: name -> (function, its array arguments).
 
   x: (N, H, W, Ci), w: (KH, KW, Ci, Co), dy: the forward output's shape, all one float dtype;
-  pads (top, bottom, left, right). Jit each function and call it on its arguments.
+  pads (top, bottom, left, right); stride None for the stride-1 convolution, else the transposed
+  convolution of that stride with oneDNN's pads (see `onednn_conv_transpose`). Jit each function
+  and call it on its arguments.
   """
-  return {'forward': (lambda x, w: _fwd_local(x, w, pads), (x, w)),
-          'input_grad': (lambda dy, w: _bwd_data_local(dy, w, x.shape[1:3], pads), (dy, w)),
-          'weight_grad': (lambda x, dy: _bwd_weights_local(x, dy, w.shape, pads), (x, dy))}
+  return {'forward': (lambda x, w: _fwd_local(x, w, pads, stride), (x, w)),
+          'input_grad': (lambda dy, w: _bwd_data_local(dy, w, x.shape[1:3], pads, stride),
+                         (dy, w)),
+          'weight_grad': (lambda x, dy: _bwd_weights_local(x, dy, w.shape, pads, stride),
+                          (x, dy))}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn(x, w, pads, stride):
+  mesh = _data_mesh(x.shape[0])
+  f = functools.partial(_fwd_local, pads=pads, stride=stride)
+  if mesh is None:
+    return f(x, w)
+  return jax.shard_map(f, mesh=mesh, in_specs=(P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
+                       check_vma=False)(x, w)
+
+
+def _onednn_fwd(x, w, pads, stride):
+  return _onednn(x, w, pads, stride), (x, w)
+
+
+def _onednn_bwd(pads, stride, res, g):
+  x, w = res
+  mesh = _data_mesh(x.shape[0])
+  bwd_data = functools.partial(_bwd_data_local, x_hw=x.shape[1:3], pads=pads, stride=stride)
+  bwd_weights = functools.partial(_bwd_weights_local, w_shape=w.shape, pads=pads, stride=stride)
+  if mesh is None:
+    dx, dw = bwd_data(g, w), bwd_weights(x, g)
+  else:
+    dx = jax.shard_map(bwd_data, mesh=mesh, in_specs=(P(DATA_AXIS), P()),
+                       out_specs=P(DATA_AXIS), check_vma=False)(g, w)
+    dw = jax.shard_map(lambda a, b: lax.psum(bwd_weights(a, b), DATA_AXIS), mesh=mesh,
+                       in_specs=(P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(),
+                       check_vma=False)(x, g)
+  return dx, dw.astype(w.dtype)
+
+
+_onednn.defvjp(_onednn_fwd, _onednn_bwd)
+
+
 def onednn_conv(x: jax.Array, w: jax.Array, pads: tuple[int, int, int, int]) -> jax.Array:
   """`lax.conv_general_dilated(x, w, (1, 1), [(top, bottom), (left, right)], ('NHWC', 'HWIO',
   'NHWC'))` by oneDNN.
@@ -219,35 +268,28 @@ def onednn_conv(x: jax.Array, w: jax.Array, pads: tuple[int, int, int, int]) -> 
   Returns:
     (N, H + top + bottom - KH + 1, W + left + right - KW + 1, Co) in x's dtype.
   """
-  mesh = _data_mesh(x.shape[0])
-  f = functools.partial(_fwd_local, pads=pads)
-  if mesh is None:
-    return f(x, w)
-  return jax.shard_map(f, mesh=mesh, in_specs=(P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
-                       check_vma=False)(x, w)
+  return _onednn(x, w, tuple(pads), None)
 
 
-def _onednn_conv_fwd(x, w, pads):
-  return onednn_conv(x, w, pads), (x, w)
+def onednn_conv_transpose(x: jax.Array, w: jax.Array, stride: int,
+                          pads: tuple[int, int, int, int]) -> jax.Array:
+  """oneDNN's transposed convolution ("deconvolution") of `stride`, in oneDNN's convention.
 
+  out[s * i - top + k] += x[i] w[k] (per spatial axis, summed over input channels): the input
+  gradient of a stride-s convolution with kernel w. `lax.conv_transpose` (flax's convention, no
+  kernel flip) is this with the kernel flipped spatially and pads (KH - 1 - lo, KH - 1 - hi);
+  `conv_transpose` below does that conversion. Reverse-mode only, like `onednn_conv`.
 
-def _onednn_conv_bwd(pads, res, g):
-  x, w = res
-  mesh = _data_mesh(x.shape[0])
-  bwd_data = functools.partial(_bwd_data_local, x_hw=x.shape[1:3], pads=pads)
-  bwd_weights = functools.partial(_bwd_weights_local, w_shape=w.shape, pads=pads)
-  if mesh is None:
-    dx, dw = bwd_data(g, w), bwd_weights(x, g)
-  else:
-    dx = jax.shard_map(bwd_data, mesh=mesh, in_specs=(P(DATA_AXIS), P()),
-                       out_specs=P(DATA_AXIS), check_vma=False)(g, w)
-    dw = jax.shard_map(lambda a, b: lax.psum(bwd_weights(a, b), DATA_AXIS), mesh=mesh,
-                       in_specs=(P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(),
-                       check_vma=False)(x, g)
-  return dx, dw.astype(w.dtype)
+  Args:
+    x: (N, H, W, Ci) float32, or bfloat16 where `native_bf16()`.
+    w: (KH, KW, Ci, Co), x's dtype.
+    stride: the up-sampling factor, a Python int >= 1.
+    pads: (top, bottom, left, right), non-negative Python ints, cropped from the full output.
 
-
-onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+  Returns:
+    (N, (H - 1) * stride - top - bottom + KH, (W - 1) * stride - left - right + KW, Co).
+  """
+  return _onednn(x, w, tuple(pads), int(stride))
 
 
 # --- the drop-in for lax.conv_general_dilated ----------------------------------------------------
@@ -302,3 +344,63 @@ def conv_general_dilated(backend: str = 'auto') -> Callable[..., jax.Array]:
     return onednn_conv(lhs, rhs, pads)
 
   return conv
+
+
+# --- the drop-in for lax.conv_transpose ----------------------------------------------------------
+
+def _onednn_transpose_pads(padding: Any, k_hw: Sequence[int], stride: int
+                           ) -> tuple[int, int, int, int] | None:
+  """oneDNN's (top, bottom, left, right) for `lax.conv_transpose`'s `padding`, or None.
+
+  `lax.conv_transpose` pads the stride-dilated input by (lo, hi) per axis (computed from a string
+  as `jax.lax` does) and correlates with the kernel; oneDNN's transposed convolution with the
+  flipped kernel crops (k - 1 - lo, k - 1 - hi) from its full output, which is the same sum.
+  """
+  pairs = []
+  for k in k_hw:
+    if padding == 'SAME':
+      pad_len = k + stride - 2
+      lo = k - 1 if stride > k - 1 else -(-pad_len // 2)
+    elif padding == 'VALID':
+      pad_len = k + stride - 2 + max(k - stride, 0)
+      lo = k - 1
+    else:
+      return None
+    pairs.append((lo, pad_len - lo))
+  (top, bottom), (left, right) = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(k_hw, pairs)]
+  pads = (top, bottom, left, right)
+  return pads if min(pads) >= 0 else None
+
+
+def conv_transpose(backend: str = 'auto') -> Callable[..., jax.Array]:
+  """A function with `lax.conv_transpose`'s signature (flax's convention: the kernel is not
+  flipped, `transpose_kernel=False`) running on `backend`.
+
+  On 'onednn' a 2D NHWC/HWIO transposed conv with equal strides and 'SAME' or 'VALID' padding is
+  one oneDNN primitive per pass (`onednn_conv_transpose` on the spatially flipped kernel);
+  anything else runs `lax.conv_transpose`. Resolved when traced, as `conv_general_dilated`.
+  """
+
+  def conv_t(lhs, rhs, strides, padding, rhs_dilation=None, dimension_numbers=None,
+             transpose_kernel=False, precision=None, preferred_element_type=None):
+    pads = None
+    strides = tuple(strides)
+    if (resolve(backend) == 'onednn' and not transpose_kernel and preferred_element_type is None
+        and lhs.ndim == 4 and rhs.ndim == 4 and len(set(strides)) == 1
+        and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+        and lhs.dtype in (jnp.float32, jnp.bfloat16) and rhs.dtype == lhs.dtype
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+      pads = _onednn_transpose_pads(padding, rhs.shape[:2], strides[0])
+    if pads is None:
+      return lax.conv_transpose(lhs, rhs, strides, padding, rhs_dilation=rhs_dilation,
+                                dimension_numbers=dimension_numbers,
+                                transpose_kernel=transpose_kernel, precision=precision,
+                                preferred_element_type=preferred_element_type)
+    flipped = rhs[::-1, ::-1]
+    if lhs.dtype == jnp.bfloat16 and not native_bf16():
+      return onednn_conv_transpose(lhs.astype(jnp.float32), flipped.astype(jnp.float32),
+                                   strides[0], pads).astype(jnp.bfloat16)
+    return onednn_conv_transpose(lhs, flipped, strides[0], pads)
+
+  return conv_t

@@ -42,12 +42,27 @@ namespace {
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
 
-enum Op : int { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+// Ops 0-2: stride-1 convolution. Ops 3-5: the same three for a transposed convolution
+// (oneDNN's "deconvolution") of any stride.
+enum Op : int {
+  kFwd = 0, kBwdData = 1, kBwdWeights = 2, kDeconvFwd = 3, kDeconvBwdData = 4,
+  kDeconvBwdWeights = 5
+};
+
+bool IsDeconv(Op op) { return op >= kDeconvFwd; }
+// The same op with the deconvolution offset removed: what the three code paths switch on.
+Op Kind(Op op) { return static_cast<Op>(op % 3); }
 
 struct Geometry {
   int64_t n, h, w, ci, kh, kw, co, ho, wo;
   int64_t top, bottom, left, right;
+  int64_t stride = 1;  // deconvolution only; convolutions are stride 1
 };
+
+// Output extent of a convolution (stride 1) or transposed convolution (stride s) along one axis.
+int64_t OutSize(bool deconv, int64_t in, int64_t k, int64_t lo, int64_t hi, int64_t s) {
+  return deconv ? (in - 1) * s - lo - hi + k : in + lo + hi - k + 1;
+}
 
 struct Entry {
   dnnl::primitive prim;
@@ -94,12 +109,14 @@ dnnl::reorder MakeReorder(const memory::desc& from, const memory::desc& to, size
   return dnnl::reorder(pd);
 }
 
-std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
-  const auto dt = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
+// The three primitive descriptors of a convolution or a deconvolution, behind one interface.
+template <class Fwd, class BwdData, class BwdWeights>
+std::shared_ptr<Entry> BuildOp(Op op, dnnl::algorithm alg, memory::data_type dt,
+                               const Geometry& g) {
   const memory::dims src_dims = {g.n, g.ci, g.h, g.w};
   const memory::dims wei_dims = {g.co, g.ci, g.kh, g.kw};
   const memory::dims dst_dims = {g.n, g.co, g.ho, g.wo};
-  const memory::dims strides = {1, 1};
+  const memory::dims strides = {g.stride, g.stride};
   const memory::dims pad_l = {g.top, g.left};
   const memory::dims pad_r = {g.bottom, g.right};
   const memory::desc src_md(src_dims, dt, tag::nhwc);
@@ -108,21 +125,21 @@ std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
 
-  const auto fwd_pd = dnnl::convolution_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src_md,
-      wei_any, dst_md, strides, pad_l, pad_r, attr);
+  const auto fwd_pd = typename Fwd::primitive_desc(Engine(), dnnl::prop_kind::forward_training,
+                                                   alg, src_md, wei_any, dst_md, strides, pad_l,
+                                                   pad_r, attr);
   auto e = std::make_shared<Entry>();
-  if (op == kFwd) {
-    e->prim = dnnl::convolution_forward(fwd_pd);
+  const Op kind = Kind(op);
+  if (kind == kFwd) {
+    e->prim = Fwd(fwd_pd);
     e->wei_prim_md = fwd_pd.weights_desc();
     e->wei_user_md = memory::desc(wei_dims, dt, tag::hwio);
     e->scratch_bytes = std::max(e->scratch_bytes, fwd_pd.scratchpad_desc().get_size());
     e->impl = fwd_pd.impl_info_str();
-  } else if (op == kBwdData) {
-    const auto pd = dnnl::convolution_backward_data::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, src_md, wei_any, dst_md, strides, pad_l,
-        pad_r, fwd_pd, attr);
-    e->prim = dnnl::convolution_backward_data(pd);
+  } else if (kind == kBwdData) {
+    const auto pd = typename BwdData::primitive_desc(Engine(), alg, src_md, wei_any, dst_md,
+                                                     strides, pad_l, pad_r, fwd_pd, attr);
+    e->prim = BwdData(pd);
     e->wei_prim_md = pd.weights_desc();
     e->wei_user_md = memory::desc(wei_dims, dt, tag::hwio);
     e->scratch_bytes = std::max(e->scratch_bytes, pd.scratchpad_desc().get_size());
@@ -132,10 +149,9 @@ std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
     // 4x slower than its blocked (nChw8c) one, which is worth two activation reorders.
     const memory::desc dwei_any(wei_dims, memory::data_type::f32, tag::any);
     const memory::desc src_any(src_dims, dt, tag::any), dst_any(dst_dims, dt, tag::any);
-    const auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, src_any, dwei_any, dst_any, strides, pad_l,
-        pad_r, fwd_pd, attr);
-    e->prim = dnnl::convolution_backward_weights(pd);
+    const auto pd = typename BwdWeights::primitive_desc(Engine(), alg, src_any, dwei_any, dst_any,
+                                                        strides, pad_l, pad_r, fwd_pd, attr);
+    e->prim = BwdWeights(pd);
     e->x_prim_md = pd.src_desc();
     e->dy_prim_md = pd.diff_dst_desc();
     e->reorder_x = e->x_prim_md != src_md;
@@ -149,11 +165,23 @@ std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
   }
   e->reorder = e->wei_prim_md != e->wei_user_md;
   if (e->reorder) {
-    e->wei_reorder = op == kBwdWeights
+    e->wei_reorder = kind == kBwdWeights
                          ? MakeReorder(e->wei_prim_md, e->wei_user_md, &e->scratch_bytes)
                          : MakeReorder(e->wei_user_md, e->wei_prim_md, &e->scratch_bytes);
   }
   return e;
+}
+
+std::shared_ptr<Entry> Build(Op op, bool bf16, const Geometry& g) {
+  const auto dt = bf16 ? memory::data_type::bf16 : memory::data_type::f32;
+  if (IsDeconv(op)) {
+    return BuildOp<dnnl::deconvolution_forward, dnnl::deconvolution_backward_data,
+                   dnnl::deconvolution_backward_weights>(
+        op, dnnl::algorithm::deconvolution_direct, dt, g);
+  }
+  return BuildOp<dnnl::convolution_forward, dnnl::convolution_backward_data,
+                 dnnl::convolution_backward_weights>(op, dnnl::algorithm::convolution_direct, dt,
+                                                     g);
 }
 
 std::shared_ptr<Entry> Lookup(Op op, bool bf16, const Geometry& g) {
@@ -161,7 +189,8 @@ std::shared_ptr<Entry> Lookup(Op op, bool bf16, const Geometry& g) {
   static auto* cache = new std::unordered_map<std::string, std::shared_ptr<Entry>>;
   std::ostringstream key;
   key << op << ',' << bf16;
-  for (int64_t v : {g.n, g.h, g.w, g.ci, g.kh, g.kw, g.co, g.top, g.bottom, g.left, g.right}) {
+  for (int64_t v : {g.n, g.h, g.w, g.ci, g.kh, g.kw, g.co, g.top, g.bottom, g.left, g.right,
+                    g.stride}) {
     key << ',' << v;
   }
   {
@@ -185,22 +214,26 @@ std::string Shape(ffi::AnyBuffer::Dimensions d) {
 // Reads the geometry from the operands of `op` and checks that it is consistent.
 ffi::Error Geometry4(Op op, const ffi::AnyBuffer& a, const ffi::AnyBuffer& b,
                      const ffi::AnyBuffer& out, int64_t top, int64_t bottom, int64_t left,
-                     int64_t right, Geometry* g) {
+                     int64_t right, int64_t stride, Geometry* g) {
   const auto da = a.dimensions(), db = b.dimensions(), dout = out.dimensions();
   if (da.size() != 4 || db.size() != 4 || dout.size() != 4) {
     return ffi::Error::InvalidArgument("tvunet oneDNN conv: operands must be rank 4");
   }
-  if (top < 0 || bottom < 0 || left < 0 || right < 0) {
-    return ffi::Error::InvalidArgument("tvunet oneDNN conv: padding must be non-negative");
+  if (top < 0 || bottom < 0 || left < 0 || right < 0 || stride < 1) {
+    return ffi::Error::InvalidArgument(
+        "tvunet oneDNN conv: padding must be non-negative and stride positive");
   }
   // a, b, out per op: fwd (x, w, y); bwd data (dy, w, dx); bwd weights (x, dy, dw).
-  const auto& x = op == kBwdData ? dout : da;
-  const auto& w = op == kBwdWeights ? dout : db;
-  const auto& y = op == kFwd ? dout : (op == kBwdData ? da : db);
-  *g = Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], top, bottom, left, right};
+  const Op kind = Kind(op);
+  const bool deconv = IsDeconv(op);
+  const auto& x = kind == kBwdData ? dout : da;
+  const auto& w = kind == kBwdWeights ? dout : db;
+  const auto& y = kind == kFwd ? dout : (kind == kBwdData ? da : db);
+  *g = Geometry{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
+                top,  bottom, left, right, stride};
   if (y[0] != g->n || w[2] != g->ci || y[3] != g->co ||
-      g->ho != g->h + top + bottom - g->kh + 1 || g->wo != g->w + left + right - g->kw + 1 ||
-      g->ho <= 0 || g->wo <= 0) {
+      g->ho != OutSize(deconv, g->h, g->kh, top, bottom, stride) ||
+      g->wo != OutSize(deconv, g->w, g->kw, left, right, stride) || g->ho <= 0 || g->wo <= 0) {
     return ffi::Error::InvalidArgument("tvunet oneDNN conv: inconsistent shapes x" + Shape(x) +
                                        " w" + Shape(w) + " y" + Shape(y));
   }
@@ -208,17 +241,18 @@ ffi::Error Geometry4(Op op, const ffi::AnyBuffer& a, const ffi::AnyBuffer& b,
 }
 
 ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-               int64_t top, int64_t bottom, int64_t left, int64_t right) {
+               int64_t top, int64_t bottom, int64_t left, int64_t right, int64_t stride = 1) {
   const auto dt = a.element_type();
   if (dt != ffi::DataType::F32 && dt != ffi::DataType::BF16) {
     return ffi::Error::InvalidArgument("tvunet oneDNN conv: dtype must be float32 or bfloat16");
   }
   if (b.element_type() != dt ||
-      out->element_type() != (op == kBwdWeights ? ffi::DataType::F32 : dt)) {
+      out->element_type() != (Kind(op) == kBwdWeights ? ffi::DataType::F32 : dt)) {
     return ffi::Error::InvalidArgument("tvunet oneDNN conv: mismatched dtypes");
   }
   Geometry g;
-  if (auto err = Geometry4(op, a, b, *out, top, bottom, left, right, &g); !err.success()) {
+  if (auto err = Geometry4(op, a, b, *out, top, bottom, left, right, stride, &g);
+      !err.success()) {
     return err;
   }
   try {
@@ -245,14 +279,15 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
       r.execute(*stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
                           {DNNL_ARG_SCRATCHPAD, scratch_mem}});
     };
-    if (op == kFwd || op == kBwdData) {
+    const Op kind = Kind(op);
+    if (kind == kFwd || kind == kBwdData) {
       memory wei_user(entry->wei_user_md, eng, b.untyped_data());
       memory wei = wei_user;
       if (entry->reorder) {
         wei = memory(entry->wei_prim_md, eng, weights->Get(entry->wei_prim_md.get_size()));
         reorder(entry->wei_reorder, wei_user, wei);
       }
-      if (op == kFwd) {
+      if (kind == kFwd) {
         memory x(x_md, eng, a.untyped_data()), y(y_md, eng, out->untyped_data());
         entry->prim.execute(*stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, wei},
                                       {DNNL_ARG_DST, y}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
@@ -300,6 +335,20 @@ ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyB
                       int64_t top, int64_t bottom, int64_t left, int64_t right) {
   return Run(kBwdWeights, x, dy, dw, top, bottom, left, right);
 }
+ffi::Error DeconvFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                     int64_t top, int64_t bottom, int64_t left, int64_t right, int64_t stride) {
+  return Run(kDeconvFwd, x, w, y, top, bottom, left, right, stride);
+}
+ffi::Error DeconvBwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                         int64_t top, int64_t bottom, int64_t left, int64_t right,
+                         int64_t stride) {
+  return Run(kDeconvBwdData, dy, w, dx, top, bottom, left, right, stride);
+}
+ffi::Error DeconvBwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                            int64_t top, int64_t bottom, int64_t left, int64_t right,
+                            int64_t stride) {
+  return Run(kDeconvBwdWeights, x, dy, dw, top, bottom, left, right, stride);
+}
 
 }  // namespace
 
@@ -316,6 +365,12 @@ ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyB
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_fwd, Fwd, TVUNET_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_bwd_data, BwdData, TVUNET_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_bwd_weights, BwdWeights, TVUNET_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_fwd, DeconvFwd,
+                              TVUNET_CONV_BINDING.Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_bwd_data, DeconvBwdData,
+                              TVUNET_CONV_BINDING.Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_bwd_weights, DeconvBwdWeights,
+                              TVUNET_CONV_BINDING.Attr<int64_t>("stride"));
 
 extern "C" {
 
@@ -325,18 +380,24 @@ int tvunet_onednn_version(char* out, int len) {
   return std::snprintf(out, len, "%d.%d.%d", v->major, v->minor, v->patch);
 }
 
-// The implementation oneDNN picks for one op (0 fwd, 1 bwd data, 2 bwd weights) at one shape,
-// e.g. "brg:avx512_core_amx" or "jit:avx2"; "ref:any" means no optimised kernel. Returns -1 and
-// the error text when the primitive cannot be built.
+// The implementation oneDNN picks for one op (0 fwd, 1 bwd data, 2 bwd weights; 3-5 the same for
+// a transposed convolution of stride `stride`) at one shape, e.g. "brg:avx512_core_amx" or
+// "jit:avx2"; "ref:any" means no optimised kernel. Returns -1 and the error text when the
+// primitive cannot be built.
 int tvunet_onednn_impl(int op, int bf16, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh,
                        int64_t kw, int64_t co, int64_t top, int64_t bottom, int64_t left,
-                       int64_t right, char* out, int len) {
-  const Geometry g{n, h, w, ci, kh, kw, co, h + top + bottom - kh + 1, w + left + right - kw + 1,
-                   top, bottom, left, right};
-  if (op < kFwd || op > kBwdWeights) {
-    std::snprintf(out, len, "op must be 0 (forward), 1 (input grad) or 2 (weight grad)");
+                       int64_t right, int64_t stride, char* out, int len) {
+  if (op < kFwd || op > kDeconvBwdWeights || stride < 1 || (op < kDeconvFwd && stride != 1)) {
+    std::snprintf(out, len,
+                  "op must be 0-2 (conv: forward, input grad, weight grad; stride 1) or 3-5 "
+                  "(transposed conv)");
     return -1;
   }
+  const bool deconv = IsDeconv(static_cast<Op>(op));
+  const Geometry g{n,   h,      w,    ci,    kh,    kw,
+                   co,  OutSize(deconv, h, kh, top, bottom, stride),
+                   OutSize(deconv, w, kw, left, right, stride),
+                   top, bottom, left, right, stride};
   try {
     const auto e = Lookup(static_cast<Op>(op), bf16 != 0, g);
     std::snprintf(out, len, "%s", e->impl.c_str());
