@@ -130,6 +130,9 @@ class Plan:
   steps: int  # timed train steps
   torch: bool
   matmul_n: int = 4096
+  # bf16 matmul size on a CPU without bf16 arithmetic, where PyTorch's bf16 matmul runs near
+  # 1 GFLOP/s (a 4096 one would take minutes per repetition); None: matmul_n
+  bf16_matmul_n: int | None = None
   matmul_reps: int = 3
   volume_size: int = 512
   volume_slices: int = 100
@@ -605,46 +608,46 @@ def conv_layers(batch: int = 8, base: int = 64, depth: int = 4, size: int = IMAG
                 ) -> list[dict[str, Any]]:
   """The paper model's distinct convolutions: names, x (N, H, W, Ci), w (KH, KW, Ci, Co), pads.
 
-  Mirrors `models.UNet` (blocks of two 3x3 'SAME' convs, the sub-pixel up-sampling as a 2x2 conv
-  with pads (1, 0, 1, 0) to 4x the width, a 1x1 head); layers of equal shape are listed once.
+  Mirrors `models.UNet` (blocks of two 3x3 'SAME' convs, a 1x1 head) from `models.UNet`'s
+  parameter shapes; the up-sampling layers are listed as what they are, 3x3 stride-2 'SAME'
+  transposed convs (`"transposed": True`, `pads` in oneDNN's convention, (0, 1, 0, 1)), which
+  `conv_op_table` times in the form each backend runs. Layers of equal shape are listed once.
   """
+  model = models.UNet(base=base, depth=depth, num_outputs=2, conv_backend="xla")
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))["params"]
   out: dict[tuple, list[str]] = {}
-
-  def add(name, r, ci, co, k=3, pads=(1, 1, 1, 1)):
-    out.setdefault(((batch, r, r, ci), (k, k, ci, co), pads), []).append(name)
-
-  cin = 1
-  for level in range(depth):
-    r, c = size >> level, base << level
-    add(f"down_{level}.conv_0", r, cin, c)
-    add(f"down_{level}.conv_1", r, c, c)
-    cin = c
-  r, c = size >> depth, base << depth
-  add("bottleneck.conv_0", r, cin, c)
-  add("bottleneck.conv_1", r, c, c)
-  for level in reversed(range(depth)):
-    r, w = size >> level, base << level
-    add(f"upsample_{level}", r // 2, 2 * w, 4 * w, k=2, pads=(1, 0, 1, 0))
-    add(f"up_{level}.conv_0", r, 2 * w, w)
-    add(f"up_{level}.conv_1", r, w, w)
-  add("head", size, base, 2, k=1, pads=(0, 0, 0, 0))
-  return [{"layers": names, "x": list(x), "w": list(w), "pads": list(p)}
-          for (x, w, p), names in out.items()]
+  for block, params in shapes.items():
+    kernels = ({f"{block}.{k}": v["kernel"].shape for k, v in params.items() if "kernel" in v}
+               if "kernel" not in params else {block: params["kernel"].shape})
+    for name, (kh, kw, ci, co) in kernels.items():
+      if block.startswith("upsample_"):
+        r = size >> (int(block.split("_")[1]) + 1)
+        key = ((batch, r, r, ci), (kh, kw, ci, co), (0, 1, 0, 1), True)
+      else:
+        level = depth if block == "bottleneck" else (0 if block == "head" else
+                                                     int(block.split("_")[1]))
+        r = size >> level
+        pad = (kh // 2, kh // 2, kw // 2, kw // 2)
+        key = ((batch, r, r, ci), (kh, kw, ci, co), pad, False)
+      out.setdefault(key, []).append(name)
+  return [{"layers": names, "x": list(x), "w": list(w), "pads": list(p), "transposed": t}
+          for (x, w, p, t), names in out.items()]
 
 
-def _torch_conv_ops(x_shape, w_shape, pads, upsample: bool) -> dict[str, float]:
+def _torch_conv_ops(x_shape, w_shape, pads, transposed: bool) -> dict[str, float]:
   """Median ms of PyTorch's forward, input grad and weight grad for one layer (channels_last).
 
-  For the up-sampling the peer's own layer is timed: ConvTranspose2d(3, stride 2, padding 1,
-  output_padding 1) from Ci to Co / 4 channels, which the sub-pixel conv computes.
+  For the up-sampling (`transposed`) the peer's own layer is timed: ConvTranspose2d(3, stride 2,
+  padding 1, output_padding 1) from Ci to Co channels.
   """
   import torch  # pylint: disable=g-import-not-at-top
   n, h, w_, ci = x_shape
   kh, kw, _, co = w_shape
   cl = torch.channels_last
   x = torch.randn(n, ci, h, w_).contiguous(memory_format=cl)
-  if upsample:
-    weight = torch.randn(ci, co // 4, 3, 3).contiguous(memory_format=cl)
+  if transposed:
+    weight = torch.randn(ci, co, 3, 3).contiguous(memory_format=cl)
     kwargs = dict(stride=[2, 2], padding=[1, 1], dilation=[1, 1], transposed=True,
                   output_padding=[1, 1], groups=1)
     y = torch.nn.functional.conv_transpose2d(x, weight, stride=2, padding=1, output_padding=1)
@@ -669,22 +672,37 @@ def _torch_conv_ops(x_shape, w_shape, pads, upsample: bool) -> dict[str, float]:
 def conv_op_table(backend: str, with_torch: bool, batch: int = 8) -> list[dict[str, Any]]:
   """Per layer shape of the paper model: ms of forward, input grad and weight grad on `backend`
   ('onednn': the kernels alone; 'xla': `lax.conv_general_dilated` and its linear transposes,
-  so no forward is recomputed), with PyTorch's at the same shapes when `with_torch`."""
+  so no forward is recomputed), with PyTorch's at the same shapes when `with_torch`.
+
+  Each layer is timed in the form the backend runs in the model: the up-sampling as oneDNN's
+  transposed conv on 'onednn', as the sub-pixel 2x2 conv (to 4x the channels, before the
+  depth-to-space) on 'xla'; `form` says which.
+  """
   rows = []
   rng = np.random.default_rng(0)
   for layer in conv_layers(batch):
-    pads = tuple(layer["pads"])
-    x = jnp.asarray(rng.standard_normal(layer["x"], np.float32))
-    w = jnp.asarray(rng.standard_normal(layer["w"], np.float32))
+    pads, x_shape, w_shape = tuple(layer["pads"]), layer["x"], layer["w"]
+    transposed, stride = layer["transposed"], None
+    form = "conv"
+    if transposed and backend == "onednn":
+      form, stride = "transposed conv, stride 2", 2
+    elif transposed:  # XLA runs the sub-pixel form: a 2x2 conv to 4x the width
+      form, pads = "sub-pixel 2x2 conv", (1, 0, 1, 0)
+      w_shape = [2, 2, w_shape[2], 4 * w_shape[3]]
+    x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
+    w = jnp.asarray(rng.standard_normal(w_shape, np.float32))
     pad_pairs = ((pads[0], pads[1]), (pads[2], pads[3]))
     f = lambda x, w: jax.lax.conv_general_dilated(  # pylint: disable=g-long-lambda
         x, w, (1, 1), pad_pairs, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = jax.jit(f)(x, w)
-    dy = jnp.asarray(rng.standard_normal(y.shape, np.float32))
+    if stride:
+      y_shape = (batch, 2 * x_shape[1], 2 * x_shape[2], w_shape[3])
+    else:
+      y_shape = jax.eval_shape(f, x, w).shape
+    dy = jnp.asarray(rng.standard_normal(y_shape, np.float32))
     # Every array is an argument of the jitted function, never a closed-over constant that XLA
     # could fold into the program.
     if backend == "onednn":
-      ops = conv.onednn_ops(x, w, dy, pads)
+      ops = conv.onednn_ops(x, w, dy, pads, stride)
     else:
       ops = {"forward": (f, (x, w)),
              "input_grad": (lambda dy, w: jax.linear_transpose(lambda a: f(a, w), x)(dy)[0],
@@ -693,14 +711,15 @@ def conv_op_table(backend: str, with_torch: bool, batch: int = 8) -> list[dict[s
                              (x, dy))}
     calls = {k: (lambda fn=jax.jit(fn), args=args: jax.block_until_ready(fn(*args)))
              for k, (fn, args) in ops.items()}
-    row = {**layer, "backend": backend,
+    row = {**layer, "backend": backend, "form": form,
            "jax_ms": {k: 1e3 * _median(_timed(c, 1, 3)) for k, c in calls.items()}}
     if backend == "onednn":
-      row["onednn_impl"] = {k: conv.impl_info(i, jnp.float32, layer["x"], layer["w"], pads)
-                            for i, k in enumerate(("forward", "input_grad", "weight_grad"))}
+      first = 3 if stride else 0
+      row["onednn_impl"] = {
+          k: conv.impl_info(first + i, jnp.float32, x_shape, w_shape, pads, stride or 1)
+          for i, k in enumerate(("forward", "input_grad", "weight_grad"))}
     if with_torch:
-      row["torch_ms"] = _torch_conv_ops(layer["x"], layer["w"], pads,
-                                        upsample=layer["layers"][0].startswith("upsample"))
+      row["torch_ms"] = _torch_conv_ops(layer["x"], layer["w"], tuple(layer["pads"]), transposed)
     rows.append(row)
     _log(f"  {'+'.join(layer['layers'])}: " + ", ".join(
         f"{k} {v:.1f}" for k, v in row["jax_ms"].items()) + " ms" + (
@@ -736,7 +755,9 @@ def run_variant(name: str, plan: Plan) -> dict[str, Any]:
       "inference": [],
   }
   for dtype in plan.dtypes:
-    gflops = matmul_gflops(plan.matmul_n, dtype, plan.matmul_reps, with_torch)
+    n = plan.bf16_matmul_n if dtype == "bfloat16" and plan.bf16_matmul_n else plan.matmul_n
+    out.setdefault("matmul_n", {})[dtype] = n
+    gflops = matmul_gflops(n, dtype, plan.matmul_reps, with_torch)
     out.setdefault("matmul_foreign_cpu_share", {})[dtype] = gflops.pop("foreign_cpu_share")
     out["matmul_gflops"][dtype] = gflops
     _log(f"{name}: matmul {dtype} GFLOP/s " + ", ".join(f"{k} {v:.1f}" for k, v in gflops.items())
@@ -969,7 +990,10 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         f"| {_pct(r.get('jax_mfu_model'))} / {_pct(r.get('torch_mfu_model'))} "
         f"| {_pct(r.get('jax_tv_share'))} / {_pct(r.get('torch_tv_share'))} "
         f"| {_pct(r.get('foreign_cpu_share'))} |")
-  lines += ["", f"Matmul peak ({plan['matmul_n']}x{plan['matmul_n']}, GFLOP/s):", "",
+  bf16_n = plan.get("bf16_matmul_n")
+  size = f"{plan['matmul_n']}x{plan['matmul_n']}" + (
+      f"; bfloat16 {bf16_n}x{bf16_n}" if bf16_n and "bfloat16" in results["matmul_gflops"] else "")
+  lines += ["", f"Matmul peak ({size}, GFLOP/s):", "",
             "| dtype | " + " | ".join(_peak_columns(results)) + " |",
             "|---|" + "---:|" * len(_peak_columns(results))]
   for dtype, table in results["matmul_gflops"].items():
@@ -995,14 +1019,15 @@ def to_markdown(results: Mapping[str, Any]) -> str:
   if conv_rows:
     lines += ["", "## Convolutions of the paper model, batch 8 (ms: forward / input grad / "
               "weight grad)", "",
-              "| layers | x | w | variant | JAX | PyTorch | oneDNN kernels |",
-              "|---|---|---|---|---|---|---|"]
+              "| layers | x | w | variant | form (JAX) | JAX | PyTorch | oneDNN kernels |",
+              "|---|---|---|---|---|---|---|---|"]
     for v, row in conv_rows:
       ms = lambda d: " / ".join(_fmt(d.get(k), 1) for k in ("forward", "input_grad",
                                                             "weight_grad")) if d else "-"
       lines.append(
           f"| {', '.join(row['layers'])} | {'x'.join(map(str, row['x']))} "
-          f"| {'x'.join(map(str, row['w']))} | {v} ({row['backend']}) | {ms(row['jax_ms'])} "
+          f"| {'x'.join(map(str, row['w']))} | {v} ({row['backend']}) "
+          f"| {row.get('form', 'conv')} | {ms(row['jax_ms'])} "
           f"| {ms(row.get('torch_ms'))} | {' / '.join((row.get('onednn_impl') or {}).values()) or '-'} |")
   pipe = results.get("input_pipeline", {})
   if pipe.get("slices_s"):
@@ -1110,7 +1135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   isa = env["isa_flags"]
   if "bfloat16" in plan.dtypes and not (isa["avx512_bf16"] or isa["amx_bf16"]):
     notes.append("bfloat16 on a CPU without avx512_bf16/amx_bf16 is emulated: PyTorch's bf16 "
-                 "matmul ran near 1 GFLOP/s on an AVX2 EPYC, so expect minutes per measurement")
+                 "matmul ran near 1 GFLOP/s on an AVX2 EPYC, so expect minutes per measurement; "
+                 "its matmul peak is measured at 1024x1024")
+    plan.bf16_matmul_n = 1024
     _log(notes[-1])
   with tempfile.TemporaryDirectory(prefix="tvunet_benchmark_") as workdir:
     plan.volume_path = write_volume(plan, workdir)

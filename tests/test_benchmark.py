@@ -284,5 +284,8 @@ def test_onednn_records_and_conv_table():
   by_name = {n: layer for layer in layers for n in layer["layers"]}
   assert by_name["bottleneck.conv_1"]["x"] == [8, 8, 8, 1024]
   assert by_name["upsample_0"] == {"layers": ["upsample_0"], "x": [8, 64, 64, 128],
-                                   "w": [2, 2, 128, 256], "pads": [1, 0, 1, 0]}
+                                   "w": [3, 3, 128, 64], "pads": [0, 1, 0, 1],
+                                   "transposed": True}
+  assert by_name["up_3.conv_0"]["x"] == [8, 16, 16, 1024]
+  assert by_name["head"]["w"] == [1, 1, 64, 2] and by_name["head"]["pads"] == [0, 0, 0, 0]
   assert by_name["down_0.conv_1"] is by_name["up_0.conv_1"]  # same shape: listed once

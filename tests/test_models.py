@@ -336,3 +336,72 @@ def test_reshape_pool_equals_max_pool_forward_and_gradient():
   win = jnp.array([[1.0, 4.0], [3.0, 2.0]]).reshape(1, 2, 2, 1)
   np.testing.assert_array_equal(
       jax.grad(lambda x: models.pool_2x2(x).sum())(win)[0, :, :, 0], [[0, 1], [0, 0]])
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def _dropout_apply(rate, x, key, deterministic=False):
+  layer = models.Dropout(rate, deterministic=deterministic)
+  return jax.jit(lambda x, k: layer.apply({}, x, rngs={'dropout': k}))(x, key)
+
+
+def test_dropout_rate_scale_and_determinism():
+  """models.Dropout is inverted dropout: each element is 0 with probability `rate` (checked on
+  1M elements against the binomial spread) and x / (1 - rate) otherwise; the same key
+  gives the same mask, another key another mask, and the masks of two keys are independent
+  (their overlap matches rate**2)."""
+  rate, n = 0.2, 1_000_000
+  x = jnp.asarray(np.random.default_rng(0).uniform(1.0, 2.0, size=(n,)).astype(np.float32))
+  y1 = np.asarray(_dropout_apply(rate, x, _dropout_key(1)))
+  y1b = np.asarray(_dropout_apply(rate, x, _dropout_key(1)))
+  y2 = np.asarray(_dropout_apply(rate, x, _dropout_key(2)))
+  np.testing.assert_array_equal(y1, y1b)
+  sd = np.sqrt(rate * (1 - rate) / n)
+  for y in (y1, y2):
+    dropped = y == 0
+    assert abs(dropped.mean() - rate) < 5 * sd, dropped.mean()
+    # XLA may turn the division into a multiplication by the reciprocal: 1 ulp
+    np.testing.assert_allclose(y[~dropped], np.asarray(x)[~dropped] / np.float32(1 - rate),
+                               rtol=2e-7)
+  both = ((y1 == 0) & (y2 == 0)).mean()
+  assert abs(both - rate**2) < 5 * np.sqrt(rate**2 * (1 - rate**2) / n), both
+  assert not np.array_equal(y1 == 0, y2 == 0)
+
+
+def test_dropout_identity_cases_and_gradient():
+  """deterministic or rate 0: the input unchanged (no key needed); rate 1: zeros; the gradient
+  is the mask scaled by 1 / (1 - rate), with the output's dtype kept (bfloat16 too)."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32))
+  for layer in (models.Dropout(0.2, deterministic=True), models.Dropout(0.0)):
+    np.testing.assert_array_equal(layer.apply({}, x), x)
+  np.testing.assert_array_equal(_dropout_apply(1.0, x, _dropout_key(0)), np.zeros_like(x))
+  layer = models.Dropout(0.5)
+  key = _dropout_key(3)
+  f = lambda a: jnp.sum(layer.apply({}, a, rngs={'dropout': key}))
+  g = np.asarray(jax.jit(jax.grad(f))(x))
+  y = np.asarray(_dropout_apply(0.5, x, key))
+  np.testing.assert_array_equal(g, np.where(y != 0, 2.0, 0.0).astype(np.float32))
+  xb = x.astype(jnp.bfloat16)
+  assert _dropout_apply(0.2, xb, key).dtype == jnp.bfloat16
+
+
+def test_dropout_accepts_threefry_and_raw_keys():
+  """The layer takes any JAX key kind: 'rbg' (train.py's), threefry, and a raw uint32 key."""
+  x = jnp.ones((64, 64))
+  for key in (jax.random.key(0, impl='rbg'), jax.random.key(0), jax.random.PRNGKey(0)):
+    y = np.asarray(_dropout_apply(0.3, x, key))
+    assert 0.2 < (y == 0).mean() < 0.4
+
+
+def test_unet_dropout_layers_draw_different_masks():
+  """The U-Net's dropout layers are one module called 8 times: each call must draw its own mask
+  (flax's per-call rng counter), or every level would drop the same pattern."""
+  class Two(models.nn.Module):
+    @models.nn.compact
+    def __call__(self, x):
+      d = models.Dropout(0.5)
+      return d(x), d(x)
+
+  a, b = Two().apply({}, jnp.ones((128, 128)), rngs={'dropout': _dropout_key(0)})
+  assert not np.array_equal(np.asarray(a) == 0, np.asarray(b) == 0)

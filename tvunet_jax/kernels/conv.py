@@ -16,8 +16,13 @@ owns that choice and the JAX side of the kernels:
   read when a function is traced, so set it before the process starts.
   Parameters and checkpoints are the same under every backend; results agree to float32
   rounding (tests/test_kernels.py).
+* `conv_transpose(backend)`: the same for `lax.conv_transpose` (flax's convention): on 'onednn'
+  a 2D transposed conv with equal strides and 'SAME'/'VALID' padding runs as oneDNN's own
+  transposed convolution (`onednn_conv_transpose`: the kernel flipped, the padding converted),
+  which the U-Net's up-sampling uses instead of its sub-pixel form on oneDNN (9 multiply taps per
+  output 2x2 block instead of 16, and no depth-to-space).
 * `onednn_conv(x, w, pads)`: the kernels under a `jax.custom_vjp` (forward, input gradient, weight
-  gradient, each one oneDNN primitive). bfloat16 runs natively where oneDNN has bf16 kernels
+  gradient, each one oneDNN primitive); `onednn_conv_transpose(x, w, stride, pads)` likewise. bfloat16 runs natively where oneDNN has bf16 kernels
   (AVX-512 and AMX); elsewhere (AVX2) it is computed in float32 and rounded, since oneDNN's only
   bf16 kernel there is its reference loop (or none at all).
 * Sharding. A custom call is opaque to XLA's SPMD partitioner, which would gather the whole batch

@@ -1,15 +1,20 @@
 // oneDNN 2D convolutions for XLA:CPU, called from jax.jit through the XLA FFI.
 //
-// Owns three custom-call handlers, for stride-1, undilated, ungrouped convolutions with explicit
-// (top, bottom, left, right) zero padding, the only kind tvunet_jax's U-Net uses:
+// Owns six custom-call handlers. Three for stride-1, undilated, ungrouped convolutions with
+// explicit (top, bottom, left, right) zero padding (the U-Net's 3x3 convs and 1x1 head):
 //   tvunet_onednn_conv_fwd          y  = conv(x, w)     x (N,H,W,Ci), w (KH,KW,Ci,Co) -> y (N,Ho,Wo,Co)
 //   tvunet_onednn_conv_bwd_data     dx = conv^T(dy, w)  dy (N,Ho,Wo,Co), w -> dx (N,H,W,Ci)
 //   tvunet_onednn_conv_bwd_weights  dw = x (*) dy       x, dy -> dw (KH,KW,Ci,Co), always float32
 // with Ho = H + top + bottom - KH + 1 (same for W), i.e. exactly lax.conv_general_dilated with
-// dimension_numbers ('NHWC', 'HWIO', 'NHWC'). Activations are float32 or bfloat16 (oneDNN
-// accumulates in float32). Activations stay in JAX's NHWC layout; the weights are reordered per
-// call into the layout oneDNN's kernel prefers (as PyTorch does), since they are small next to the
-// activations at every level but the bottleneck.
+// dimension_numbers ('NHWC', 'HWIO', 'NHWC'). And the same three for oneDNN's transposed
+// convolution ("deconvolution", the U-Net's 3x3 stride-2 up-sampling), with one more attribute,
+// `stride`:
+//   tvunet_onednn_deconv_fwd / _bwd_data / _bwd_weights
+// where y[s*i - top + k] += x[i] w[k] per spatial axis and Ho = (H - 1) * s - top - bottom + KH;
+// the Python side flips the kernel and converts lax.conv_transpose's padding to this convention.
+// Activations are float32 or bfloat16 (oneDNN accumulates in float32). Activations stay in JAX's
+// NHWC layout; the weights are reordered per call into the layout oneDNN's kernel prefers (as
+// PyTorch does), since they are small next to the activations at every level but the bottleneck.
 //
 // Primitives are built once per (op, dtype, shape, padding) and cached. Calls run one at a time:
 // each already spreads over every core through oneDNN's OpenMP pool, so letting XLA run two at once

@@ -1,0 +1,142 @@
+r"""Where the time of one train step (or one inference batch) goes, op by op, on this machine.
+
+  python -m experiments.profile_step                      # paper model, batch 8, train step
+  python -m experiments.profile_step --mode infer         # the eval-mode forward instead
+  python -m experiments.profile_step --model demo --batch 16 --top 30
+
+Runs the jitted step a few times under `jax.profiler`, reads the trace XLA:CPU writes and sums
+the executed thunks by name and by kind: the oneDNN custom calls (per target: conv forward, input
+gradient, weight gradient, transposed conv), XLA fusions, copies/transposes, the rest. The
+percentages are of the summed thunk time; on a 2-core machine XLA runs at most a couple of thunks
+at once, so the sum is close to the wall time printed beside it. This is the measurement behind
+the "where the time goes" paragraphs of `experiments/README.md`; it is a diagnostic, not a
+benchmark (use `experiments/benchmark.py` for speed claims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import benchmark
+from tvunet_jax import models
+from tvunet_jax import train
+
+# Trace events that are not thunks (Python frames, runtime bookkeeping).
+_NOT_THUNKS = re.compile(r'^(\$|ThunkExecutor|PjitFunction|H2D|D2H|DevicePut|Transfer)')
+
+
+def _kind(name: str, targets: dict[str, str]) -> str:
+  if name in targets:
+    return targets[name]
+  if name.startswith('ffi_call') or name.startswith('custom-call'):
+    return 'custom call (other)'
+  if 'fusion' in name:
+    return 'XLA fusion'
+  if name.startswith(('copy', 'transpose')):
+    return 'copy / transpose'
+  if name.startswith(('concatenate', 'pad', 'slice', 'dynamic')):
+    return 'concatenate / pad / slice'
+  if name.startswith(('rng', 'RngBitGenerator')):
+    return 'random numbers'
+  return 'other'
+
+
+def _custom_call_targets(hlo: str) -> dict[str, str]:
+  """Thunk name -> 'oneDNN <op>' for every custom call in optimized HLO text."""
+  names = {'tvunet_onednn_conv_fwd': 'oneDNN conv forward',
+           'tvunet_onednn_conv_bwd_data': 'oneDNN conv input grad',
+           'tvunet_onednn_conv_bwd_weights': 'oneDNN conv weight grad',
+           'tvunet_onednn_deconv_fwd': 'oneDNN transposed conv forward',
+           'tvunet_onednn_deconv_bwd_data': 'oneDNN transposed conv input grad',
+           'tvunet_onednn_deconv_bwd_weights': 'oneDNN transposed conv weight grad'}
+  out = {}
+  for m in re.finditer(r'%?([\w.\-]+) = [^\n]*custom_call_target="(\w+)"', hlo):
+    out[m.group(1)] = names.get(m.group(2), f'custom call {m.group(2)}')
+  return out
+
+
+def profile(fn, args: Sequence[Any], reps: int) -> tuple[collections.Counter, float]:
+  """Summed thunk microseconds per name over `reps` calls of the compiled `fn`, and wall s."""
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      jax.block_until_ready(fn(*args))
+    wall = (time.perf_counter() - t0) / reps
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(d, '**', '*.trace.json.gz'), recursive=True))[-1]
+    with gzip.open(path) as f:
+      events = json.load(f)['traceEvents']
+  per_name = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and 'dur' in e and not _NOT_THUNKS.match(e['name']):
+      per_name[e['name']] += e['dur'] / reps
+  return per_name, wall
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--model', default='paper', choices=('paper', 'demo'))
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--mode', default='train', choices=('train', 'infer'))
+  p.add_argument('--reps', type=int, default=3, help='profiled calls (after one untimed)')
+  p.add_argument('--top', type=int, default=25, help='thunks listed by name')
+  args = p.parse_args(argv)
+
+  config = benchmark.model_config(args.model, 'float32')
+  model = models.build(config.model)
+  size = benchmark.IMAGE_SIZE
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.normal(size=(args.batch, size, size, 1)), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0, impl='rbg'), image[:1])
+  if args.mode == 'infer':
+    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    call_args = (variables, image)
+  else:
+    tx = train.make_optimizer(config.train.learning_rate)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables['params'],
+        batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
+        rng=jax.random.key_data(jax.random.key(0, impl=train.DROPOUT_RNG_IMPL)))
+    batch = {'image': image,
+             'label': jnp.asarray(rng.random((args.batch, size, size, 1)) > 0.7, jnp.float32)}
+    fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_cfg=config.loss))
+    call_args = (state, batch)
+  compiled = fn.lower(*call_args).compile()
+  targets = _custom_call_targets(compiled.as_text())
+  per_name, wall = profile(compiled, call_args, args.reps)
+
+  total = sum(per_name.values())
+  per_kind = collections.Counter()
+  for name, us in per_name.items():
+    per_kind[_kind(name, targets)] += us
+  print(f'{args.model} model, batch {args.batch}, {args.mode}: {wall * 1e3:.0f} ms wall per call, '
+        f'{total / 1e3:.0f} ms summed thunk time; {jax.devices()[0].device_kind}, '
+        f'{os.cpu_count()} cores\n')
+  print('| kind | ms | share |\n|---|---:|---:|')
+  for kind, us in per_kind.most_common():
+    print(f'| {kind} | {us / 1e3:.1f} | {us / total:.1%} |')
+  print(f'\n| thunk (top {args.top}) | kind | ms |\n|---|---|---:|')
+  for name, us in per_name.most_common(args.top):
+    print(f'| {name} | {_kind(name, targets)} | {us / 1e3:.1f} |')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,50 @@
+"""Tests for experiments/profile_step.py: the trace parsing behind its per-op table.
+
+The trace is real (a jitted function profiled by `jax.profiler` on CPU); what is pinned is that
+the oneDNN custom calls are found in the compiled HLO and named by op, that XLA's thunks are
+classified, and that the summed times are positive and per call.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import profile_step
+from tvunet_jax.kernels import conv
+
+
+def test_kind_classifies_thunk_names():
+  targets = {'ffi_call.3': 'oneDNN conv weight grad'}
+  assert profile_step._kind('ffi_call.3', targets) == 'oneDNN conv weight grad'
+  assert profile_step._kind('ffi_call.9', targets) == 'custom call (other)'
+  assert profile_step._kind('add_maximum_fusion.2', targets) == 'XLA fusion'
+  assert profile_step._kind('copy.4', targets) == 'copy / transpose'
+  assert profile_step._kind('concatenate.1', targets) == 'concatenate / pad / slice'
+
+
+def test_profile_sums_thunks_of_a_jitted_function():
+  """A fusion of a real jitted function shows up with a positive time; runtime bookkeeping
+  events (PjRt, Python frames) are not counted as thunks."""
+  f = jax.jit(lambda x: jnp.tanh(x) * 2.0 + jnp.sin(x))
+  x = jnp.ones((256, 256))
+  per_name, wall = profile_step.profile(f.lower(x).compile(), (x,), reps=2)
+  assert wall > 0 and per_name
+  assert all(us > 0 for us in per_name.values())
+  assert not any(n.startswith(('$', 'PjitFunction', 'ThunkExecutor')) for n in per_name)
+
+
+@pytest.mark.skipif(not conv.available(), reason='oneDNN kernel library not built')
+def test_custom_call_targets_names_the_onednn_ops():
+  """Every oneDNN custom call of a compiled forward + backward is mapped to its op by name."""
+  w = jnp.ones((3, 3, 4, 4))
+
+  def loss(x, w, wt):
+    y = conv.onednn_conv(x, w, (1, 1, 1, 1))
+    return jnp.sum(conv.onednn_conv_transpose(y, wt, 2, (0, 1, 0, 1)))
+
+  x = jnp.ones((2, 8, 8, 4))
+  hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, w, w).compile().as_text()
+  kinds = sorted(profile_step._custom_call_targets(hlo).values())
+  assert kinds == sorted([
+      'oneDNN conv forward', 'oneDNN conv input grad', 'oneDNN conv weight grad',
+      'oneDNN transposed conv input grad', 'oneDNN transposed conv weight grad'])
