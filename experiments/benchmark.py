@@ -623,7 +623,9 @@ def conv_layers(batch: int = 8, base: int = 64, depth: int = 4, size: int = IMAG
     for name, (kh, kw, ci, co) in kernels.items():
       if block.startswith("upsample_"):
         r = size >> (int(block.split("_")[1]) + 1)
-        key = ((batch, r, r, ci), (kh, kw, ci, co), (0, 1, 0, 1), True)
+        # the up-sampling: SAME, stride 2, with the pads in oneDNN's convention (what it gets)
+        pads = conv.onednn_transpose_pads("SAME", (kh, kw), 2)
+        key = ((batch, r, r, ci), (kh, kw, ci, co), pads, True)
       else:
         level = depth if block == "bottleneck" else (0 if block == "head" else
                                                      int(block.split("_")[1]))
@@ -694,15 +696,16 @@ def conv_op_table(backend: str, with_torch: bool, batch: int = 8) -> list[dict[s
     pad_pairs = ((pads[0], pads[1]), (pads[2], pads[3]))
     f = lambda x, w: jax.lax.conv_general_dilated(  # pylint: disable=g-long-lambda
         x, w, (1, 1), pad_pairs, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if stride:
-      y_shape = (batch, 2 * x_shape[1], 2 * x_shape[2], w_shape[3])
-    else:
-      y_shape = jax.eval_shape(f, x, w).shape
-    dy = jnp.asarray(rng.standard_normal(y_shape, np.float32))
     # Every array is an argument of the jitted function, never a closed-over constant that XLA
     # could fold into the program.
-    if backend == "onednn":
-      ops = conv.onednn_ops(x, w, dy, pads, stride)
+    if stride:  # oneDNN's transposed conv: out = (in - 1) * stride - pads + k
+      y_shape = (batch, (x_shape[1] - 1) * stride - pads[0] - pads[1] + w_shape[0],
+                 (x_shape[2] - 1) * stride - pads[2] - pads[3] + w_shape[1], w_shape[3])
+      ops = conv.onednn_ops(x, w, jnp.asarray(rng.standard_normal(y_shape, np.float32)), pads,
+                            stride)
+    elif backend == "onednn":
+      dy = jnp.asarray(rng.standard_normal(jax.eval_shape(f, x, w).shape, np.float32))
+      ops = conv.onednn_ops(x, w, dy, pads)
     else:
       ops = {"forward": (f, (x, w)),
              "input_grad": (lambda dy, w: jax.linear_transpose(lambda a: f(a, w), x)(dy)[0],

@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,11 @@ import numpy as np
 
 from experiments import benchmark
 from tvunet_jax import models
-from tvunet_jax import train
 
-# Trace events that are not thunks (Python frames, runtime bookkeeping).
-_NOT_THUNKS = re.compile(r'^(\$|ThunkExecutor|PjitFunction|H2D|D2H|DevicePut|Transfer)')
+# XLA:CPU names a thunk's trace event after its HLO instruction ('ffi_call.113',
+# 'add_maximum_fusion', 'concatenate.7'); runtime bookkeeping and Python frames ('ThunkExecutor::
+# Execute', 'ParseArguments', '$api.py:...', 'end: ffi_call.1') do not look like that.
+_THUNK = re.compile(r'^[a-z][a-z0-9_\-]*(\.\d+)*$')
 
 
 def _kind(name: str, targets: dict[str, str]) -> str:
@@ -69,14 +70,15 @@ def _custom_call_targets(hlo: str) -> dict[str, str]:
   return out
 
 
-def profile(fn, args: Sequence[Any], reps: int) -> tuple[collections.Counter, float]:
-  """Summed thunk microseconds per name over `reps` calls of the compiled `fn`, and wall s."""
-  jax.block_until_ready(fn(*args))
+def profile(call: Callable[[], Any], reps: int) -> tuple[collections.Counter, float]:
+  """Summed thunk microseconds per name per call over `reps` synchronised calls of `call`
+  (after one untimed call), and the wall seconds per call."""
+  call()
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
     t0 = time.perf_counter()
     for _ in range(reps):
-      jax.block_until_ready(fn(*args))
+      call()
     wall = (time.perf_counter() - t0) / reps
     jax.profiler.stop_trace()
     path = sorted(glob.glob(os.path.join(d, '**', '*.trace.json.gz'), recursive=True))[-1]
@@ -84,7 +86,7 @@ def profile(fn, args: Sequence[Any], reps: int) -> tuple[collections.Counter, fl
       events = json.load(f)['traceEvents']
   per_name = collections.Counter()
   for e in events:
-    if e.get('ph') == 'X' and 'dur' in e and not _NOT_THUNKS.match(e['name']):
+    if e.get('ph') == 'X' and 'dur' in e and _THUNK.match(e['name']):
       per_name[e['name']] += e['dur'] / reps
   return per_name, wall
 
@@ -99,29 +101,23 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument('--top', type=int, default=25, help='thunks listed by name')
   args = p.parse_args(argv)
 
-  config = benchmark.model_config(args.model, 'float32')
-  model = models.build(config.model)
-  size = benchmark.IMAGE_SIZE
-  rng = np.random.default_rng(0)
-  image = jnp.asarray(rng.normal(size=(args.batch, size, size, 1)), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0, impl='rbg'), image[:1])
-  if args.mode == 'infer':
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    call_args = (variables, image)
+  if args.mode == 'train':
+    # exactly the benchmark's step: train.train_step jitted with shardings and donation, the
+    # benchmark's loss, a fixed random batch
+    step = benchmark.JaxStep(args.model, args.batch, 'float32')
+    hlo, call = step.compiled.as_text(), step
   else:
-    tx = train.make_optimizer(config.train.learning_rate)
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables['params'],
-        batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
-        rng=jax.random.key_data(jax.random.key(0, impl=train.DROPOUT_RNG_IMPL)))
-    batch = {'image': image,
-             'label': jnp.asarray(rng.random((args.batch, size, size, 1)) > 0.7, jnp.float32)}
-    fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_cfg=config.loss))
-    call_args = (state, batch)
-  compiled = fn.lower(*call_args).compile()
-  targets = _custom_call_targets(compiled.as_text())
-  per_name, wall = profile(compiled, call_args, args.reps)
+    model = models.build(benchmark.model_config(args.model, 'float32').model)
+    size = benchmark.IMAGE_SIZE
+    image = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, size, size, 1)),
+                        jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0, impl='rbg'), image[:1])
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+        variables, image).compile()
+    hlo, call = compiled.as_text(), lambda: jax.block_until_ready(compiled(variables, image))
+  targets = _custom_call_targets(hlo)
+  per_name, wall = profile(call, args.reps)
 
   total = sum(per_name.values())
   per_kind = collections.Counter()

@@ -387,7 +387,8 @@ def test_dropout_identity_cases_and_gradient():
 
 
 def test_dropout_accepts_threefry_and_raw_keys():
-  """The layer takes any JAX key kind: 'rbg' (train.py's), threefry, and a raw uint32 key."""
+  """The layer takes every key kind flax passes on: typed 'rbg' (train.py's) and threefry keys,
+  and the legacy raw (2,) uint32 PRNGKey."""
   x = jnp.ones((64, 64))
   for key in (jax.random.key(0, impl='rbg'), jax.random.key(0), jax.random.PRNGKey(0)):
     y = np.asarray(_dropout_apply(0.3, x, key))
@@ -405,3 +406,23 @@ def test_unet_dropout_layers_draw_different_masks():
 
   a, b = Two().apply({}, jnp.ones((128, 128)), rngs={'dropout': _dropout_key(0)})
   assert not np.array_equal(np.asarray(a) == 0, np.asarray(b) == 0)
+
+
+def test_dropout_mask_is_the_threefry_bits_above_the_threshold():
+  """Pinned by hand on 4x4: the mask is exactly `bits >= round(rate * 2**32)` of
+  `lax.rng_bit_generator(key_data, shape, uint32, RNG_THREE_FRY)`, kept values scaled by
+  1 / (1 - rate)."""
+  key = _dropout_key(7)
+  x = jnp.arange(1.0, 17.0).reshape(4, 4)
+  y = np.asarray(_dropout_apply(0.25, x, key))
+
+  class Probe(models.nn.Module):  # the key flax's make_rng hands a top-level module's first call
+    @models.nn.compact
+    def __call__(self):
+      return self.make_rng('dropout')
+
+  layer_key = Probe().apply({}, rngs={'dropout': key})
+  _, bits = jax.lax.rng_bit_generator(jax.random.key_data(layer_key), (4, 4), dtype=jnp.uint32,
+                                      algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY)
+  keep = np.asarray(bits) >= np.uint32(2**30)
+  np.testing.assert_allclose(y, np.where(keep, np.asarray(x) / 0.75, 0.0), rtol=1e-6)

@@ -82,7 +82,12 @@ def test_one_vs_eight_devices_same_loss_curve(tiny_config):
       # left in it (which differs with the reduction order) up to a full step. Only bounded.
       np.testing.assert_allclose(a, b, atol=3 * 3 * tiny_config.train.learning_rate)
     else:
-      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=name)
+      # Adam divides by sqrt(v): where a gradient is near zero, the 1- and 8-device reduction
+      # orders' round-off moves an element by a sizeable fraction of its tiny update (measured:
+      # 1.7e-5 after 3 steps, 1.7% of one 1e-3 step). Bound it by 5% of a step; a real sharding
+      # error (e.g. a missing gradient psum) moves most elements by ~1 step.
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=0.05 * tiny_config.train.learning_rate,
+                                 err_msg=name)
 
 
 def test_stop_and_resume_equals_straight_run(tiny_config, tmp_path):

@@ -161,9 +161,10 @@ class SubpixelConvTranspose(nn.Module):
         'kernel', self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
     bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if conv.resolve(self.conv_backend) == 'onednn':
+    if conv.resolve(self.conv_backend) == 'onednn' and conv.transpose_supported(x.dtype):
       # One oneDNN transposed-convolution primitive per pass: 9 taps, no depth-to-space
-      # (measured 1.5-2.4x faster than the sub-pixel form on oneDNN, experiments/README.md).
+      # (1.3-2.4x faster per layer than the sub-pixel form on oneDNN; a few per cent of a step,
+      # experiments/README.md). Other dtypes keep the sub-pixel form below, XLA's fast one.
       y = conv.conv_transpose(self.conv_backend)(
           x, kernel, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       return y + bias
@@ -204,7 +205,7 @@ class Dropout(nn.Module):
       data = jax.random.key_data(key)
       if data.shape != (4,) or data.dtype != jnp.uint32:  # e.g. a threefry key: (2,) uint32
         data = jax.random.bits(key, (4,), jnp.uint32)
-    else:  # a raw (legacy) uint32 key
+    else:  # a legacy raw key, (2,) uint32 (flax accepts no other raw kind in `rngs`)
       data = jax.random.bits(jax.random.wrap_key_data(key), (4,), jnp.uint32)
     _, bits = lax.rng_bit_generator(data, x.shape, dtype=jnp.uint32,
                                     algorithm=lax.RandomAlgorithm.RNG_THREE_FRY)

@@ -22,9 +22,10 @@ owns that choice and the JAX side of the kernels:
   which the U-Net's up-sampling uses instead of its sub-pixel form on oneDNN (9 multiply taps per
   output 2x2 block instead of 16, and no depth-to-space).
 * `onednn_conv(x, w, pads)`: the kernels under a `jax.custom_vjp` (forward, input gradient, weight
-  gradient, each one oneDNN primitive); `onednn_conv_transpose(x, w, stride, pads)` likewise. bfloat16 runs natively where oneDNN has bf16 kernels
-  (AVX-512 and AMX); elsewhere (AVX2) it is computed in float32 and rounded, since oneDNN's only
-  bf16 kernel there is its reference loop (or none at all).
+  gradient, each one oneDNN primitive); `onednn_conv_transpose(x, w, stride, pads)` likewise.
+  bfloat16 runs natively where oneDNN has bf16 kernels (AVX-512 and AMX); elsewhere (AVX2) it is
+  computed in float32 and rounded, since oneDNN's only bf16 kernel there is its reference loop (or
+  none at all).
 * Sharding. A custom call is opaque to XLA's SPMD partitioner, which would gather the whole batch
   onto one device to run it. When a mesh with a `data` axis is set (`jax.set_mesh(mesh)`, as
   `train.py`, `predict.py` and `evaluate.py` do around their jitted steps), each kernel runs under
@@ -85,8 +86,10 @@ def load() -> ctypes.CDLL | None:
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
         lib.tvunet_onednn_impl.argtypes = (
             [ctypes.c_int] * 2 + [ctypes.c_int64] * 12 + [ctypes.c_char_p, ctypes.c_int])
-      except (OSError, AttributeError) as e:  # e.g. libdnnl.so.3 moved since the build
-        _state['why'], lib = f'{path} does not load: {e}', None
+      except (OSError, AttributeError) as e:  # libdnnl.so.3 moved, or a library older than
+        # this source (a missing handler symbol)
+        _state['why'], lib = (f'{path} does not load ({e}); rebuild it: '
+                              'python -m tvunet_jax.kernels.build'), None
     _state['lib'] = lib
   return _state['lib']
 
@@ -108,7 +111,7 @@ def onednn_version() -> str | None:
 
 def impl_info(op: int, dtype: Any, x_shape: Sequence[int], w_shape: Sequence[int],
               pads: Sequence[int], stride: int = 1) -> str:
-  """oneDNN's kernel for op 0 (forward), 1 (input grad) or 2 (weight grad), e.g. 'jit:avx2'.
+  """oneDNN's kernel for one op (0-2 conv, 3-5 transposed conv), e.g. 'jit:avx2'.
 
   Args:
     op: 0, 1 or 2 for a stride-1 convolution; 3, 4, 5 for the same of oneDNN's transposed
@@ -210,7 +213,8 @@ def _bwd_weights_local(x, dy, w_shape, pads, stride=None):
 
 
 def onednn_ops(x: jax.Array, w: jax.Array, dy: jax.Array, pads: tuple[int, int, int, int],
-               stride: int | None = None) -> dict[str, Callable[[], jax.Array]]:
+               stride: int | None = None
+               ) -> dict[str, tuple[Callable[..., jax.Array], tuple[jax.Array, ...]]]:
   """The three kernels alone, for timing: name -> (function, its array arguments).
 
   x: (N, H, W, Ci), w: (KH, KW, Ci, Co), dy: the forward output's shape, all one float dtype;
@@ -353,7 +357,7 @@ def conv_general_dilated(backend: str = 'auto') -> Callable[..., jax.Array]:
 
 # --- the drop-in for lax.conv_transpose ----------------------------------------------------------
 
-def _onednn_transpose_pads(padding: Any, k_hw: Sequence[int], stride: int
+def onednn_transpose_pads(padding: Any, k_hw: Sequence[int], stride: int
                            ) -> tuple[int, int, int, int] | None:
   """oneDNN's (top, bottom, left, right) for `lax.conv_transpose`'s `padding`, or None.
 
@@ -377,9 +381,17 @@ def _onednn_transpose_pads(padding: Any, k_hw: Sequence[int], stride: int
   return pads if min(pads) >= 0 else None
 
 
+def transpose_supported(dtype: Any) -> bool:
+  """Whether the oneDNN transposed convolution takes activations of `dtype`."""
+  return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16)
+
+
 def conv_transpose(backend: str = 'auto') -> Callable[..., jax.Array]:
   """A function with `lax.conv_transpose`'s signature (flax's convention: the kernel is not
   flipped, `transpose_kernel=False`) running on `backend`.
+
+  Array shapes as `lax.conv_transpose`: lhs (N, H, W, Ci), rhs (KH, KW, Ci, Co) with the default
+  or NHWC/HWIO dimension numbers; float32 or bfloat16 for the oneDNN path.
 
   On 'onednn' a 2D NHWC/HWIO transposed conv with equal strides and 'SAME' or 'VALID' padding is
   one oneDNN primitive per pass (`onednn_conv_transpose` on the spatially flipped kernel);
@@ -387,21 +399,26 @@ def conv_transpose(backend: str = 'auto') -> Callable[..., jax.Array]:
   """
 
   def conv_t(lhs, rhs, strides, padding, rhs_dilation=None, dimension_numbers=None,
-             transpose_kernel=False, precision=None, preferred_element_type=None):
+             transpose_kernel=False, precision=None, preferred_element_type=None,
+             use_consistent_padding=False):
     pads = None
     strides = tuple(strides)
+    # lax.conv_transpose reads dimension_numbers=None as NHWC / HWIO for 2D
+    dn = _NHWC if dimension_numbers is None and lhs.ndim == 4 else dimension_numbers
     if (resolve(backend) == 'onednn' and not transpose_kernel and preferred_element_type is None
+        and not use_consistent_padding
         and lhs.ndim == 4 and rhs.ndim == 4 and len(set(strides)) == 1
         and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
-        and lhs.dtype in (jnp.float32, jnp.bfloat16) and rhs.dtype == lhs.dtype
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        and transpose_supported(lhs.dtype) and rhs.dtype == lhs.dtype
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dn)
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
-      pads = _onednn_transpose_pads(padding, rhs.shape[:2], strides[0])
+      pads = onednn_transpose_pads(padding, rhs.shape[:2], strides[0])
     if pads is None:
       return lax.conv_transpose(lhs, rhs, strides, padding, rhs_dilation=rhs_dilation,
                                 dimension_numbers=dimension_numbers,
                                 transpose_kernel=transpose_kernel, precision=precision,
-                                preferred_element_type=preferred_element_type)
+                                preferred_element_type=preferred_element_type,
+                                use_consistent_padding=use_consistent_padding)
     flipped = rhs[::-1, ::-1]
     if lhs.dtype == jnp.bfloat16 and not native_bf16():
       return onednn_conv_transpose(lhs.astype(jnp.float32), flipped.astype(jnp.float32),

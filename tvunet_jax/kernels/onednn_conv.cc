@@ -2,7 +2,8 @@
 //
 // Owns six custom-call handlers. Three for stride-1, undilated, ungrouped convolutions with
 // explicit (top, bottom, left, right) zero padding (the U-Net's 3x3 convs and 1x1 head):
-//   tvunet_onednn_conv_fwd          y  = conv(x, w)     x (N,H,W,Ci), w (KH,KW,Ci,Co) -> y (N,Ho,Wo,Co)
+//   tvunet_onednn_conv_fwd          y  = conv(x, w)     x (N,H,W,Ci), w (KH,KW,Ci,Co) -> y
+//                                                       (N,Ho,Wo,Co)
 //   tvunet_onednn_conv_bwd_data     dx = conv^T(dy, w)  dy (N,Ho,Wo,Co), w -> dx (N,H,W,Ci)
 //   tvunet_onednn_conv_bwd_weights  dw = x (*) dy       x, dy -> dw (KH,KW,Ci,Co), always float32
 // with Ho = H + top + bottom - KH + 1 (same for W), i.e. exactly lax.conv_general_dilated with
@@ -16,11 +17,11 @@
 // NHWC layout; the weights are reordered per call into the layout oneDNN's kernel prefers (as
 // PyTorch does), since they are small next to the activations at every level but the bottleneck.
 //
-// Primitives are built once per (op, dtype, shape, padding) and cached. Calls run one at a time:
-// each already spreads over every core through oneDNN's OpenMP pool, so letting XLA run two at once
-// (a layer's independent input and weight gradients, or several devices of one host) would only
-// oversubscribe the cores (measured: no gain), and one set of work buffers, sized by the largest
-// layer, serves every call instead of one set per XLA thread. All primitives, reorders included,
+// Primitives are built once per (op, dtype, shape, padding, stride) and cached. Calls run one at a
+// time: each already spreads over every core through oneDNN's OpenMP pool, so letting XLA run two
+// at once (a layer's independent input and weight gradients, or several devices of one host) would
+// only oversubscribe the cores (measured: no gain), and one set of work buffers, sized by the
+// largest layer, serves every call instead of one set per XLA thread. All primitives, reorders included,
 // take their scratchpad from that set (oneDNN's "user" scratchpad mode), so none depends on
 // oneDNN's per-thread library scratchpad. A few extern "C" helpers (version, chosen
 // implementation) serve the Python wrapper, the tests and the benchmark through ctypes.
@@ -317,8 +318,10 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
       memory dw = entry->reorder ? memory(entry->wei_prim_md, eng,
                                           weights->Get(entry->wei_prim_md.get_size()))
                                  : dw_user;
-      entry->prim.execute(*stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy},
-                                    {DNNL_ARG_DIFF_WEIGHTS, dw}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+      entry->prim.execute(*stream, {{DNNL_ARG_SRC, x},
+                                    {DNNL_ARG_DIFF_DST, dy},
+                                    {DNNL_ARG_DIFF_WEIGHTS, dw},
+                                    {DNNL_ARG_SCRATCHPAD, scratch_mem}});
       if (entry->reorder) reorder(entry->wei_reorder, dw, dw_user);
     }
     stream->wait();
