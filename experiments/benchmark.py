@@ -698,14 +698,12 @@ def conv_op_table(backend: str, with_torch: bool, batch: int = 8) -> list[dict[s
         x, w, (1, 1), pad_pairs, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     # Every array is an argument of the jitted function, never a closed-over constant that XLA
     # could fold into the program.
-    if stride:  # oneDNN's transposed conv: out = (in - 1) * stride - pads + k
-      y_shape = (batch, (x_shape[1] - 1) * stride - pads[0] - pads[1] + w_shape[0],
-                 (x_shape[2] - 1) * stride - pads[2] - pads[3] + w_shape[1], w_shape[3])
-      ops = conv.onednn_ops(x, w, jnp.asarray(rng.standard_normal(y_shape, np.float32)), pads,
-                            stride)
-    elif backend == "onednn":
-      dy = jnp.asarray(rng.standard_normal(jax.eval_shape(f, x, w).shape, np.float32))
-      ops = conv.onednn_ops(x, w, dy, pads)
+    forward = f
+    if stride:
+      forward = lambda a, b: conv.onednn_conv_transpose(a, b, stride, pads)
+    dy = jnp.asarray(rng.standard_normal(jax.eval_shape(forward, x, w).shape, np.float32))
+    if backend == "onednn":
+      ops = conv.onednn_ops(x, w, dy, pads, stride)
     else:
       ops = {"forward": (f, (x, w)),
              "input_grad": (lambda dy, w: jax.linear_transpose(lambda a: f(a, w), x)(dy)[0],

@@ -33,6 +33,7 @@ import numpy as np
 
 from experiments import benchmark
 from tvunet_jax import models
+from tvunet_jax.kernels import conv
 
 # XLA:CPU names a thunk's trace event after its HLO instruction ('ffi_call.113',
 # 'add_maximum_fusion', 'concatenate.7'); runtime bookkeeping and Python frames ('ThunkExecutor::
@@ -56,14 +57,13 @@ def _kind(name: str, targets: dict[str, str]) -> str:
   return 'other'
 
 
+_OP_NAMES = ('conv forward', 'conv input grad', 'conv weight grad', 'transposed conv forward',
+             'transposed conv input grad', 'transposed conv weight grad')  # conv.TARGETS' ops
+
+
 def _custom_call_targets(hlo: str) -> dict[str, str]:
   """Thunk name -> 'oneDNN <op>' for every custom call in optimized HLO text."""
-  names = {'tvunet_onednn_conv_fwd': 'oneDNN conv forward',
-           'tvunet_onednn_conv_bwd_data': 'oneDNN conv input grad',
-           'tvunet_onednn_conv_bwd_weights': 'oneDNN conv weight grad',
-           'tvunet_onednn_deconv_fwd': 'oneDNN transposed conv forward',
-           'tvunet_onednn_deconv_bwd_data': 'oneDNN transposed conv input grad',
-           'tvunet_onednn_deconv_bwd_weights': 'oneDNN transposed conv weight grad'}
+  names = {target: f'oneDNN {_OP_NAMES[op]}' for op, target in conv.TARGETS.items()}
   out = {}
   for m in re.finditer(r'%?([\w.\-]+) = [^\n]*custom_call_target="(\w+)"', hlo):
     out[m.group(1)] = names.get(m.group(2), f'custom call {m.group(2)}')

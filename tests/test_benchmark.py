@@ -289,3 +289,24 @@ def test_onednn_records_and_conv_table():
   assert by_name["up_3.conv_0"]["x"] == [8, 16, 16, 1024]
   assert by_name["head"]["w"] == [1, 1, 64, 2] and by_name["head"]["pads"] == [0, 0, 0, 0]
   assert by_name["down_0.conv_1"] is by_name["up_0.conv_1"]  # same shape: listed once
+
+
+@pytest.mark.parametrize("backend", ["xla", "onednn"])
+def test_conv_op_table_times_each_layer_in_its_backend_form(backend, monkeypatch):
+  """The per-layer table runs (batch 1, two layers: a 3x3 conv and an up-sampling) and times
+  the up-sampling as the backend runs it in the model: oneDNN's transposed conv (with its kernel
+  names) or XLA's sub-pixel 2x2 conv."""
+  if backend == "onednn" and not conv.available():
+    pytest.skip("oneDNN kernel library not built")
+  layers = [l for l in benchmark.conv_layers(batch=1)
+            if l["layers"][0] in ("down_3.conv_0", "upsample_3")]
+  monkeypatch.setattr(benchmark, "conv_layers", lambda batch=8: layers)
+  rows = benchmark.conv_op_table(backend, with_torch=False, batch=1)
+  forms = {r["layers"][0]: r["form"] for r in rows}
+  assert forms == {"down_3.conv_0": "conv",
+                   "upsample_3": ("transposed conv, stride 2" if backend == "onednn"
+                                  else "sub-pixel 2x2 conv")}
+  for r in rows:
+    assert set(r["jax_ms"]) == {"forward", "input_grad", "weight_grad"}
+    assert all(ms > 0 for ms in r["jax_ms"].values())
+    assert ("onednn_impl" in r) == (backend == "onednn")

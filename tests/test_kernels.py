@@ -114,12 +114,11 @@ def _fwd_and_grads(conv_fn, x, w, cot):
   return y, dx, dw
 
 
-def _assert_bf16_matches_f32_reference(got, x, w, cot, pads):
-  """`got` = (y, dx, dw) in bfloat16, within bf16 rounding of the float32 reference computed on
-  the same (bf16-rounded) inputs."""
+def _assert_bf16_matches_f32_reference(got, x, w, cot, ref):
+  """`got` = (y, dx, dw) in bfloat16, within bf16 rounding of the float32 reference `ref(x, w)`
+  computed on the same (bf16-rounded) inputs."""
   f32 = lambda a: a.astype(jnp.float32)
-  want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, pads)))(
-      f32(x), f32(w), f32(cot))
+  want = jax.jit(functools.partial(_fwd_and_grads, ref))(f32(x), f32(w), f32(cot))
   for name, g, r in zip(('y', 'dx', 'dw'), got, want):
     assert g.dtype == jnp.bfloat16, (name, g.dtype)
     assert _rel_err(g, r) <= 1e-2, (name, _rel_err(g, r))
@@ -130,8 +129,9 @@ def _lowered(fn, *args):
   return jax.jit(fn).lower(*args).as_text()
 
 
-def _uses_onednn(fn, *args):
-  return 'tvunet_onednn_conv' in _lowered(fn, *args)
+def _uses_onednn(fn, *args, op='conv'):
+  """Whether jit(fn) calls the oneDNN kernels of `op` ('conv' or 'deconv', the transposed conv)."""
+  return f'tvunet_onednn_{op}_' in _lowered(fn, *args)
 
 
 # The U-Net's kinds of convolutions, then odd ones. (x shape, w shape, pads (top, bottom, left,
@@ -251,7 +251,8 @@ def test_bfloat16_through_drop_in_matches_float32_reference(x_shape, w_shape, pa
       a, b, (1, 1), padding, dimension_numbers=NHWC)
   assert _uses_onednn(drop_in, x, w)
   got = jax.jit(functools.partial(_fwd_and_grads, drop_in))(x, w, cot)
-  _assert_bf16_matches_f32_reference(got, x, w, cot, pads)
+  _assert_bf16_matches_f32_reference(got, x, w, cot,
+                                     functools.partial(_ref_conv, pads=pads))
 
 
 @needs_onednn
@@ -267,7 +268,8 @@ def test_native_bfloat16_kernels_match_float32_reference():
   cot = _normal(2, _out_shape(x_shape, w_shape, pads), jnp.bfloat16)
   got = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: conv.onednn_conv(a, b, pads)))(
       x, w, cot)
-  _assert_bf16_matches_f32_reference(got, x, w, cot, pads)
+  _assert_bf16_matches_f32_reference(got, x, w, cot,
+                                     functools.partial(_ref_conv, pads=pads))
 
 
 # ------------------------------------------------------------ 3. the drop-in: padding, fallbacks
@@ -689,7 +691,7 @@ def test_conv_transpose_default_dimension_numbers_run_on_onednn():
   read it so too (and run oneDNN), not fall back silently."""
   x, w = _normal(0, (2, 4, 5, 3)), _normal(1, (3, 3, 3, 4))
   mine = lambda a, b: conv.conv_transpose('onednn')(a, b, (2, 2), 'SAME')
-  assert _uses_onednn_deconv(mine, x, w)
+  assert _uses_onednn(mine, x, w, op='deconv')
   ref = lax.conv_transpose(x, w, (2, 2), 'SAME', precision=lax.Precision.HIGHEST)
   assert _rel_err(jax.jit(mine)(x, w), ref) <= 1e-5
 
@@ -719,8 +721,10 @@ def _ref_conv_t(x, w, strides, padding):
                             precision=lax.Precision.HIGHEST)
 
 
-def _uses_onednn_deconv(fn, *args):
-  return 'tvunet_onednn_deconv' in _lowered(fn, *args)
+def _onednn_conv_t(strides, padding):
+  """`conv_transpose('onednn')` at fixed strides and padding, NHWC/HWIO: (x, w) -> y."""
+  return lambda a, b: conv.conv_transpose('onednn')(a, b, strides, padding,
+                                                    dimension_numbers=NHWC)
 
 
 # (x shape, w shape, strides, padding): the U-Net's up-sampling (3x3, stride 2, SAME) at its
@@ -747,9 +751,8 @@ def test_conv_transpose_matches_lax_float32(x_shape, w_shape, strides, padding):
   x, w = _normal(0, x_shape), _normal(1, w_shape)
   ref = functools.partial(_ref_conv_t, strides=strides, padding=padding)
   cot = _normal(2, jax.eval_shape(ref, x, w).shape)
-  mine = lambda a, b: conv.conv_transpose('onednn')(a, b, strides, padding,
-                                                    dimension_numbers=NHWC)
-  assert _uses_onednn_deconv(mine, x, w)
+  mine = _onednn_conv_t(strides, padding)
+  assert _uses_onednn(mine, x, w, op='deconv')
   got = jax.jit(functools.partial(_fwd_and_grads, mine))(x, w, cot)
   want = jax.jit(functools.partial(_fwd_and_grads, ref))(x, w, cot)
   for name, g, r in zip(('y', 'dx', 'dw'), got, want):
@@ -794,15 +797,10 @@ def test_conv_transpose_bfloat16_within_rounding():
   x, w = _normal(0, x_shape, jnp.bfloat16), _normal(1, w_shape, jnp.bfloat16)
   ref = functools.partial(_ref_conv_t, strides=strides, padding=padding)
   cot = _normal(2, jax.eval_shape(ref, x, w).shape, jnp.bfloat16)
-  mine = lambda a, b: conv.conv_transpose('onednn')(a, b, strides, padding,
-                                                    dimension_numbers=NHWC)
-  assert _uses_onednn_deconv(mine, x, w)
+  mine = _onednn_conv_t(strides, padding)
+  assert _uses_onednn(mine, x, w, op='deconv')
   got = jax.jit(functools.partial(_fwd_and_grads, mine))(x, w, cot)
-  f32 = lambda a: a.astype(jnp.float32)
-  want = jax.jit(functools.partial(_fwd_and_grads, ref))(f32(x), f32(w), f32(cot))
-  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
-    assert g.dtype == jnp.bfloat16, (name, g.dtype)
-    assert _rel_err(g, r) <= 1e-2, (name, _rel_err(g, r))
+  _assert_bf16_matches_f32_reference(got, x, w, cot, ref)
 
 
 @needs_onednn
@@ -815,8 +813,7 @@ def test_conv_transpose_under_a_data_mesh_matches_lax():
   w = _normal(1, w_shape)
   ref = functools.partial(_ref_conv_t, strides=strides, padding=padding)
   cot = jax.device_put(_normal(2, jax.eval_shape(ref, x, w).shape), sharding.batch_sharding(mesh))
-  mine = lambda a, b: conv.conv_transpose('onednn')(a, b, strides, padding,
-                                                    dimension_numbers=NHWC)
+  mine = _onednn_conv_t(strides, padding)
   got = sharding.under_mesh(mesh, jax.jit(functools.partial(_fwd_and_grads, mine)))(x, w, cot)
   want = jax.jit(functools.partial(_fwd_and_grads, ref))(x, w, cot)
   for name, g, r in zip(('y', 'dx', 'dw'), got, want):
@@ -843,6 +840,6 @@ def test_conv_transpose_falls_back_to_lax(kwargs):
   w_shape = (3, 3, 4, 3) if kwargs.get('transpose_kernel') else (3, 3, 3, 4)
   x, w = _normal(0, (2, 5, 4, 3)), _normal(1, w_shape)
   mine = lambda a, b: conv.conv_transpose('onednn')(a, b, dimension_numbers=NHWC, **kwargs)
-  assert not _uses_onednn_deconv(mine, x, w)
+  assert not _uses_onednn(mine, x, w, op='deconv')
   xla = lambda a, b: lax.conv_transpose(a, b, dimension_numbers=NHWC, **kwargs)
   np.testing.assert_array_equal(jax.jit(mine)(x, w), jax.jit(xla)(x, w))

@@ -201,12 +201,11 @@ class Dropout(nn.Module):
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
     key = self.make_rng(self.rng_collection)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-      data = jax.random.key_data(key)
-      if data.shape != (4,) or data.dtype != jnp.uint32:  # e.g. a threefry key: (2,) uint32
-        data = jax.random.bits(key, (4,), jnp.uint32)
-    else:  # a legacy raw key, (2,) uint32 (flax accepts no other raw kind in `rngs`)
-      data = jax.random.bits(jax.random.wrap_key_data(key), (4,), jnp.uint32)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a legacy raw (2,) uint32 key
+      key = jax.random.wrap_key_data(key)
+    data = jax.random.key_data(key)  # 'rbg' (train.py's): (4,) uint32, the generator's state
+    if data.shape != (4,):  # e.g. threefry: (2,) uint32
+      data = jax.random.bits(key, (4,), jnp.uint32)
     _, bits = lax.rng_bit_generator(data, x.shape, dtype=jnp.uint32,
                                     algorithm=lax.RandomAlgorithm.RNG_THREE_FRY)
     threshold = min(round(self.rate * 2.0**32), 2**32 - 1)

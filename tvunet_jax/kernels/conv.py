@@ -23,9 +23,8 @@ owns that choice and the JAX side of the kernels:
   output 2x2 block instead of 16, and no depth-to-space).
 * `onednn_conv(x, w, pads)`: the kernels under a `jax.custom_vjp` (forward, input gradient, weight
   gradient, each one oneDNN primitive); `onednn_conv_transpose(x, w, stride, pads)` likewise.
-  bfloat16 runs natively where oneDNN has bf16 kernels (AVX-512 and AMX); elsewhere (AVX2) it is
-  computed in float32 and rounded, since oneDNN's only bf16 kernel there is its reference loop (or
-  none at all).
+  bfloat16 runs natively where oneDNN has bf16 kernels (AVX-512 and AMX); elsewhere (AVX2) both
+  compute it in float32 and round, since oneDNN 3.2 has no bf16 convolution there.
 * Sharding. A custom call is opaque to XLA's SPMD partitioner, which would gather the whole batch
   onto one device to run it. When a mesh with a `data` axis is set (`jax.set_mesh(mesh)`, as
   `train.py`, `predict.py` and `evaluate.py` do around their jitted steps), each kernel runs under
@@ -52,7 +51,8 @@ BACKENDS = ('auto', 'onednn', 'xla')
 ENV_BACKEND = 'TVUNET_CONV_BACKEND'
 ENV_LIBRARY = 'TVUNET_ONEDNN_LIB'  # a library built elsewhere; default: next to this file
 DATA_AXIS = 'data'  # sharding.DATA_AXIS (not imported: sharding must not depend on kernels)
-_TARGETS = {0: 'tvunet_onednn_conv_fwd', 1: 'tvunet_onednn_conv_bwd_data',
+# op -> FFI target: 0-2 conv forward / input grad / weight grad, 3-5 the same, transposed
+TARGETS = {0: 'tvunet_onednn_conv_fwd', 1: 'tvunet_onednn_conv_bwd_data',
             2: 'tvunet_onednn_conv_bwd_weights', 3: 'tvunet_onednn_deconv_fwd',
             4: 'tvunet_onednn_deconv_bwd_data', 5: 'tvunet_onednn_deconv_bwd_weights'}
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -82,7 +82,7 @@ def load() -> ctypes.CDLL | None:
     else:
       try:
         lib = ctypes.CDLL(path)
-        for name in _TARGETS.values():
+        for name in TARGETS.values():
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
         lib.tvunet_onednn_impl.argtypes = (
             [ctypes.c_int] * 2 + [ctypes.c_int64] * 12 + [ctypes.c_char_p, ctypes.c_int])
@@ -175,7 +175,7 @@ def _call(op: int, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], out_d
   if stride is not None:  # the transposed convolution's targets (ops 3-5) take a stride
     attrs['stride'] = np.int64(stride)
   # vmap runs the kernel once per mapped element (it takes rank-4 operands only).
-  return jax.ffi.ffi_call(_TARGETS[op], jax.ShapeDtypeStruct(out_shape, out_dtype),
+  return jax.ffi.ffi_call(TARGETS[op], jax.ShapeDtypeStruct(out_shape, out_dtype),
                           vmap_method='sequential')(a, b, **attrs)
 
 
@@ -262,6 +262,14 @@ def _onednn_bwd(pads, stride, res, g):
 _onednn.defvjp(_onednn_fwd, _onednn_bwd)
 
 
+def _onednn_any_bf16(x, w, pads, stride):
+  """`_onednn`, with bfloat16 computed in float32 and rounded where oneDNN has no bf16 kernels
+  (AVX2: oneDNN 3.2 refuses the primitive)."""
+  if x.dtype == jnp.bfloat16 and not native_bf16():
+    return _onednn(x.astype(jnp.float32), w.astype(jnp.float32), pads, stride).astype(x.dtype)
+  return _onednn(x, w, pads, stride)
+
+
 def onednn_conv(x: jax.Array, w: jax.Array, pads: tuple[int, int, int, int]) -> jax.Array:
   """`lax.conv_general_dilated(x, w, (1, 1), [(top, bottom), (left, right)], ('NHWC', 'HWIO',
   'NHWC'))` by oneDNN.
@@ -269,15 +277,15 @@ def onednn_conv(x: jax.Array, w: jax.Array, pads: tuple[int, int, int, int]) -> 
   Reverse-mode only (a `custom_vjp`: `jax.grad`/`vjp` work, `jax.jvp`/`jacfwd` do not).
 
   Args:
-    x: (N, H, W, Ci) float32, or bfloat16 where `native_bf16()` (`conv_general_dilated` handles
-      bfloat16 everywhere).
+    x: (N, H, W, Ci) float32 or bfloat16 (native bf16 kernels where `native_bf16()`, else computed
+      in float32 and rounded).
     w: (KH, KW, Ci, Co), x's dtype.
     pads: (top, bottom, left, right) zero padding, non-negative Python ints.
 
   Returns:
     (N, H + top + bottom - KH + 1, W + left + right - KW + 1, Co) in x's dtype.
   """
-  return _onednn(x, w, tuple(pads), None)
+  return _onednn_any_bf16(x, w, tuple(pads), None)
 
 
 def onednn_conv_transpose(x: jax.Array, w: jax.Array, stride: int,
@@ -290,15 +298,16 @@ def onednn_conv_transpose(x: jax.Array, w: jax.Array, stride: int,
   `conv_transpose` below does that conversion. Reverse-mode only, like `onednn_conv`.
 
   Args:
-    x: (N, H, W, Ci) float32, or bfloat16 where `native_bf16()`.
+    x: (N, H, W, Ci) float32 or bfloat16 (as `onednn_conv`).
     w: (KH, KW, Ci, Co), x's dtype.
     stride: the up-sampling factor, a Python int >= 1.
     pads: (top, bottom, left, right), non-negative Python ints, cropped from the full output.
 
   Returns:
-    (N, (H - 1) * stride - top - bottom + KH, (W - 1) * stride - left - right + KW, Co).
+    (N, (H - 1) * stride - top - bottom + KH, (W - 1) * stride - left - right + KW, Co), x's
+    dtype.
   """
-  return _onednn(x, w, tuple(pads), int(stride))
+  return _onednn_any_bf16(x, w, tuple(pads), int(stride))
 
 
 # --- the drop-in for lax.conv_general_dilated ----------------------------------------------------
@@ -347,9 +356,6 @@ def conv_general_dilated(backend: str = 'auto') -> Callable[..., jax.Array]:
           feature_group_count=feature_group_count, batch_group_count=batch_group_count,
           precision=precision, preferred_element_type=preferred_element_type)
     # `precision` does not apply: oneDNN computes float32 in float32 and bf16 with f32 sums.
-    if lhs.dtype == jnp.bfloat16 and not native_bf16():
-      return onednn_conv(lhs.astype(jnp.float32), rhs.astype(jnp.float32),
-                         pads).astype(jnp.bfloat16)
     return onednn_conv(lhs, rhs, pads)
 
   return conv
@@ -419,10 +425,6 @@ def conv_transpose(backend: str = 'auto') -> Callable[..., jax.Array]:
                                 transpose_kernel=transpose_kernel, precision=precision,
                                 preferred_element_type=preferred_element_type,
                                 use_consistent_padding=use_consistent_padding)
-    flipped = rhs[::-1, ::-1]
-    if lhs.dtype == jnp.bfloat16 and not native_bf16():
-      return onednn_conv_transpose(lhs.astype(jnp.float32), flipped.astype(jnp.float32),
-                                   strides[0], pads).astype(jnp.bfloat16)
-    return onednn_conv_transpose(lhs, flipped, strides[0], pads)
+    return onednn_conv_transpose(lhs, rhs[::-1, ::-1], strides[0], pads)
 
   return conv_t

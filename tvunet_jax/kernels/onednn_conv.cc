@@ -21,9 +21,9 @@
 // time: each already spreads over every core through oneDNN's OpenMP pool, so letting XLA run two
 // at once (a layer's independent input and weight gradients, or several devices of one host) would
 // only oversubscribe the cores (measured: no gain), and one set of work buffers, sized by the
-// largest layer, serves every call instead of one set per XLA thread. All primitives, reorders included,
-// take their scratchpad from that set (oneDNN's "user" scratchpad mode), so none depends on
-// oneDNN's per-thread library scratchpad. A few extern "C" helpers (version, chosen
+// largest layer, serves every call instead of one set per XLA thread. All primitives, reorders
+// included, take their scratchpad from that set (oneDNN's "user" scratchpad mode), so none
+// depends on oneDNN's per-thread library scratchpad. A few extern "C" helpers (version, chosen
 // implementation) serve the Python wrapper, the tests and the benchmark through ctypes.
 
 #include <algorithm>
@@ -331,31 +331,17 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
   return ffi::Error::Success();
 }
 
-ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t top,
-               int64_t bottom, int64_t left, int64_t right) {
-  return Run(kFwd, x, w, y, top, bottom, left, right);
+// The handlers: operands (a, b) -> out as `Run` reads them per op; convolutions are stride 1.
+template <Op op>
+ffi::Error ConvHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+                       int64_t top, int64_t bottom, int64_t left, int64_t right) {
+  return Run(op, a, b, out, top, bottom, left, right);
 }
-ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
-                   int64_t top, int64_t bottom, int64_t left, int64_t right) {
-  return Run(kBwdData, dy, w, dx, top, bottom, left, right);
-}
-ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                      int64_t top, int64_t bottom, int64_t left, int64_t right) {
-  return Run(kBwdWeights, x, dy, dw, top, bottom, left, right);
-}
-ffi::Error DeconvFwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                     int64_t top, int64_t bottom, int64_t left, int64_t right, int64_t stride) {
-  return Run(kDeconvFwd, x, w, y, top, bottom, left, right, stride);
-}
-ffi::Error DeconvBwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+template <Op op>
+ffi::Error DeconvHandler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
                          int64_t top, int64_t bottom, int64_t left, int64_t right,
                          int64_t stride) {
-  return Run(kDeconvBwdData, dy, w, dx, top, bottom, left, right, stride);
-}
-ffi::Error DeconvBwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
-                            int64_t top, int64_t bottom, int64_t left, int64_t right,
-                            int64_t stride) {
-  return Run(kDeconvBwdWeights, x, dy, dw, top, bottom, left, right, stride);
+  return Run(op, a, b, out, top, bottom, left, right, stride);
 }
 
 }  // namespace
@@ -370,14 +356,16 @@ ffi::Error DeconvBwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi
       .Attr<int64_t>("left")                                                              \
       .Attr<int64_t>("right")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_fwd, Fwd, TVUNET_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_bwd_data, BwdData, TVUNET_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_bwd_weights, BwdWeights, TVUNET_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_fwd, DeconvFwd,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_fwd, ConvHandler<kFwd>, TVUNET_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_bwd_data, ConvHandler<kBwdData>,
+                              TVUNET_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_conv_bwd_weights, ConvHandler<kBwdWeights>,
+                              TVUNET_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_fwd, DeconvHandler<kDeconvFwd>,
                               TVUNET_CONV_BINDING.Attr<int64_t>("stride"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_bwd_data, DeconvBwdData,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_bwd_data, DeconvHandler<kDeconvBwdData>,
                               TVUNET_CONV_BINDING.Attr<int64_t>("stride"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_bwd_weights, DeconvBwdWeights,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_bwd_weights, DeconvHandler<kDeconvBwdWeights>,
                               TVUNET_CONV_BINDING.Attr<int64_t>("stride"));
 
 extern "C" {
