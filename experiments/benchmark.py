@@ -74,6 +74,7 @@ import numpy as np
 
 from experiments.configs import default as default_config
 from experiments.configs import paper_split1 as paper_config
+from tvunet_jax import host_memory
 from tvunet_jax import losses
 from tvunet_jax import models
 from tvunet_jax import nifti_io
@@ -744,12 +745,15 @@ def _torch_status(plan: Plan) -> dict[str, Any]:
 
 def run_variant(name: str, plan: Plan) -> dict[str, Any]:
   """Every JAX and PyTorch measurement of the plan under this process's XLA flags (a child)."""
+  # The entry points' malloc policy, before JAX or PyTorch start threads: both sides run under it.
+  host_memory.keep_freed_memory()
   # Compile times must be real compilations, not persistent-cache reads.
   jax.config.update("jax_enable_compilation_cache", False)
   torch_info = _torch_status(plan)
   with_torch = "error" not in torch_info
   out: dict[str, Any] = {
       "variant": name, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "malloc": host_memory.status(),
       "conv_backend": conv.resolve("auto"), "onednn_version": conv.onednn_version(),
       "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "torch": torch_info, "matmul_gflops": {}, "train": [],
@@ -973,6 +977,8 @@ def to_markdown(results: Mapping[str, Any]) -> str:
       f"- train steps: median of {plan['steps']} timed after {plan['warmup']} warm-up, 128x128, "
       "random data, BCE + TV, Adam; PyTorch: channels_last, "
       f"{results['torch'].get('threads', '-')} threads",
+      "- host malloc policy (`tvunet_jax/host_memory.py`, JAX and PyTorch alike): " + (
+          ", ".join(f"{v} {m}" for v, m in results.get("malloc", {}).items()) or "system"),
       "",
       "## Train step",
       "",
@@ -1176,6 +1182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       "inference": inference,
       "conv_ops": {v["variant"]: v["conv_ops"] for v in ok if v.get("conv_ops")},
       "conv_backends": {v["variant"]: v.get("conv_backend") for v in ok},
+      "malloc": {v["variant"]: v.get("malloc", "system") for v in ok},
       "onednn_version": next((v.get("onednn_version") for v in ok if v.get("onednn_version")),
                              None),
       "input_pipeline": pipeline,

@@ -22,6 +22,7 @@ import numpy as np
 
 from experiments.configs import default
 from tvunet_jax import checkpointing
+from tvunet_jax import host_memory
 from tvunet_jax import nifti_io
 from tvunet_jax import train
 from tvunet_jax.kernels import conv
@@ -57,6 +58,7 @@ def markdown(rows: list[dict], command: str, minutes: float, backend: str) -> st
 
 
 def main(argv=None) -> int:
+  host_memory.keep_freed_memory()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, default=2)
   parser.add_argument("--out", default=os.path.join("experiments", "results", "precision"))

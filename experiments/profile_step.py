@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmark
+from tvunet_jax import host_memory
 from tvunet_jax import models
 from tvunet_jax.kernels import conv
 
@@ -92,6 +93,7 @@ def profile(call: Callable[[], Any], reps: int) -> tuple[collections.Counter, fl
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  host_memory.keep_freed_memory()
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--model', default='paper', choices=('paper', 'demo'))

@@ -25,6 +25,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments.configs import default  # pylint: disable=g-import-not-at-top
 from tvunet_jax import checkpointing  # pylint: disable=g-import-not-at-top
+from tvunet_jax import host_memory  # pylint: disable=g-import-not-at-top
 from tvunet_jax import nifti_io  # pylint: disable=g-import-not-at-top
 from tvunet_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -118,6 +119,7 @@ def plot_pr(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
+  host_memory.keep_freed_memory()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny data and model; smoke test")
   parser.add_argument("--out", default=os.path.join("experiments", "results"))

@@ -536,6 +536,37 @@ def test_unet_onednn_equals_xla(tiny_variables):
   _assert_trees_close(got[2], want[2], 1e-4, 'batch_stats')
 
 
+@needs_onednn
+@pytest.mark.parametrize('backend', ['onednn', 'xla'])
+def test_concat_input_conv_equals_conv_on_the_concatenation(backend):
+  """`models.ConcatInputConv` on (a, b) is `nn.Conv` on concat(a, b): the same parameters from
+  the same key, and the same output and gradients (inputs, kernel, bias) to float32 rounding.
+  On 'onednn' it makes one oneDNN conv per input and never builds the concatenation. Odd
+  channel counts (3 + 5 -> 7) and a non-square input."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  a, b = _normal(0, (2, 6, 5, 3)), _normal(1, (2, 6, 5, 5))
+  mine = models.ConcatInputConv(7, conv_backend=backend)
+  ref = nn.Conv(7, (3, 3), padding='SAME', kernel_init=models.he_normal, bias_init=models.zeros)
+  key = jax.random.key(3)
+  params = mine.init(key, (a, b))
+  ref_params = ref.init(key, jnp.concatenate([a, b], -1))
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  dy = _normal(2, (2, 6, 5, 7))
+
+  def grads(apply):
+    return jax.grad(lambda p, a, b: jnp.sum(apply(p, a, b) * dy), argnums=(0, 1, 2))(params, a, b)
+
+  mine_apply = lambda p, a, b: mine.apply(p, (a, b))
+  ref_apply = lambda p, a, b: ref.apply(p, jnp.concatenate([a, b], -1))
+  assert _rel_err(jax.jit(mine_apply)(params, a, b), ref_apply(params, a, b)) <= 1e-5
+  got_grads = jax.jit(lambda: grads(mine_apply))()
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(grads(ref_apply))):
+    assert _rel_err(got, want) <= 1e-5
+  hlo = jax.jit(mine_apply).lower(params, a, b).as_text()
+  if backend == 'onednn':
+    assert hlo.count(f'@{conv.TARGETS[0]}(') == 2 and 'concatenate' not in hlo, hlo
+
+
 # ------------------------------------------------------------------ 6. a sharded train step
 
 
@@ -617,8 +648,9 @@ def test_sharded_train_step_matches_one_device():
 
   n_up = cfg.model.depth  # one transposed conv (up-sampling) per level
   for n, per_call in ((1, 16), (8, 2)):
-    # every conv on oneDNN: the up-samplings as transposed convs, the rest as convs
-    for fwd, bwd_weights, count in ((FWD, BWD_WEIGHTS, n_convs - n_up),
+    # every conv on oneDNN: the up-samplings as transposed convs, the rest as convs, of which
+    # each up block's first is two (`models.ConcatInputConv`: one per half of the skip pair)
+    for fwd, bwd_weights, count in ((FWD, BWD_WEIGHTS, n_convs - n_up + n_up),
                                     (DFWD, DBWD_WEIGHTS, n_up)):
       assert len(_shapes_by_call(hlos[n], fwd)) == count, (n, fwd)
       assert len(_shapes_by_call(hlos[n], bwd_weights)) == count, (n, bwd_weights)

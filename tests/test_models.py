@@ -386,6 +386,21 @@ def test_dropout_identity_cases_and_gradient():
   assert _dropout_apply(0.2, xb, key).dtype == jnp.bfloat16
 
 
+def test_dropout_of_a_pair_is_dropout_of_the_concatenation():
+  """`Dropout((a, b))` draws the mask of concat(a, b) and returns its two parts: bit for bit
+  what dropping the concatenation gives (the U-Net's skip connections rely on it)."""
+  a, b = _normal(20, (2, 4, 4, 3)), _normal(21, (2, 4, 4, 5))
+  layer = models.Dropout(0.4)
+  key = _dropout_key(7)
+  pair = jax.jit(lambda a, b, k: layer.apply({}, (a, b), rngs={'dropout': k}))(a, b, key)
+  whole = _dropout_apply(0.4, jnp.concatenate([a, b], -1), key)
+  assert isinstance(pair, tuple) and [p.shape for p in pair] == [a.shape, b.shape]
+  np.testing.assert_array_equal(jnp.concatenate(pair, -1), whole)
+  assert 0 < np.mean(np.asarray(whole) == 0) < 1
+  kept = models.Dropout(0.4, deterministic=True).apply({}, (a, b))
+  jax.tree.map(np.testing.assert_array_equal, kept, (a, b))
+
+
 def test_dropout_accepts_threefry_and_raw_keys():
   """The layer takes every key kind flax passes on: typed 'rbg' (train.py's) and threefry keys,
   and the legacy raw (2,) uint32 PRNGKey."""

@@ -47,6 +47,7 @@ from scipy import ndimage
 
 from tfds_builder.covid19_ct_seg import covid19_ct_seg_dataset_builder as builder_lib
 from tvunet_jax import checkpointing
+from tvunet_jax import host_memory
 from tvunet_jax import input_pipeline
 from tvunet_jax import metrics
 from tvunet_jax import nifti_io
@@ -520,6 +521,7 @@ def console_table(reports: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line; returns the exit code (0 ok, 2 a bad checkpoint or at least one bad volume)."""
+  host_memory.keep_freed_memory()
   ap = argparse.ArgumentParser(prog="python -m tvunet_jax.predict",
                                description="Segment COVID-19 lesions in chest-CT NIfTI volumes.")
   ap.add_argument("volumes", nargs="+", help=".nii / .nii.gz CT volumes in HU")
