@@ -276,6 +276,30 @@ def test_sharded_predictor_matches_direct_apply():
     np.testing.assert_allclose(p(x), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_last_batch_runs_at_the_smallest_power_of_two_rows():
+  """11 slices at batch 8 on one device run as 8 + 4 rows (not 8 + 8), 9 as 8 + 1, 16 as 8 + 8;
+  on 8 devices a partial batch is still 8 rows (one per device). Outputs equal the unbatched
+  network's: the padding rows are dropped, whatever their size."""
+  model = models.build({"base": 4, "depth": 1, "dropout": 0.0, "num_outputs": 1,
+                        "dtype": "float32", "upsample": "subpixel", "pool": "reshape"})
+  import jax  # pylint: disable=g-import-not-at-top
+  variables = jax.jit(model.init, static_argnames="train")(
+      jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 1)), train=False)
+  p = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(1), batch_size=8)
+  assert [p.rows_for(n) for n in (1, 2, 3, 4, 5, 7, 8)] == [1, 2, 4, 4, 8, 8, 8]
+  p8 = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(8), batch_size=16)
+  assert [p8.rows_for(n) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
+  seen = []
+  fn = p._fn  # pylint: disable=protected-access
+  p._fn = lambda v, x: (seen.append(x.shape[0]), fn(v, x))[1]  # pylint: disable=protected-access
+  for n, rows in ((11, [8, 4]), (9, [8, 1]), (16, [8, 8])):
+    seen.clear()
+    x = np.random.default_rng(n).random((n, 16, 16)).astype(np.float32)
+    ref = np.asarray(jax.nn.sigmoid(model.apply(variables, x[..., None], train=False)[..., 0]))
+    np.testing.assert_allclose(p(x), ref, rtol=1e-5, atol=1e-6)
+    assert seen == rows, (n, seen)
+
+
 # ----------------------------------------------------------------------------- command line
 
 

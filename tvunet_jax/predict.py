@@ -164,8 +164,12 @@ class SlicePredictor:
   """Lesion probabilities of network-ready slices, batched and sharded over a device mesh.
 
   The batch is rounded up to a multiple of the mesh's devices; each batch's rows are split over
-  the devices, the variables replicated. The last batch is padded with zeros and the padding
-  dropped. Single-process only (one host's devices).
+  the devices, the variables replicated. A last, partial batch runs at `rows_for(n)` rows: the
+  smallest power-of-two rows per device that hold it, zero-padded, the padding dropped. So a
+  100-slice volume at batch 8 on one device runs 12 x 8 + 1 x 4 rows, not 13 x 8 (4% less work;
+  at the command line's batch 32 it is 3 x 32 + 4, not 4 x 32: 22% less). Each such size
+  compiles once per predictor (jit's cache); there are at most log2(batch / devices) of them.
+  Single-process only (one host's devices).
   """
 
   def __init__(self, model: Any, variables: Any, *, mesh: jax.sharding.Mesh | None = None,
@@ -184,6 +188,13 @@ class SlicePredictor:
     self._fn = sharding.under_mesh(
         self.mesh, jax.jit(probs_fn, in_shardings=(rep, rows), out_shardings=rows))
 
+  def rows_for(self, n: int) -> int:
+    """Rows one call runs for `n` (1 <= n <= batch_size) slices: the full batch, or for fewer
+    the devices times the smallest power of two >= n / devices."""
+    devices = self.mesh.devices.size
+    per_device = -(-n // devices)
+    return min(self.batch_size, devices * (1 << (per_device - 1).bit_length()))
+
   def __call__(self, images: np.ndarray, *, progress: bool = False,
                desc: str = "slices") -> np.ndarray:
     """(N, h, w) float32 network inputs -> (N, h, w) float32 probabilities in [0, 1]."""
@@ -194,11 +205,11 @@ class SlicePredictor:
     for start in tqdm.trange(0, n, b, disable=not progress, desc=desc, unit="batch",
                              leave=False, dynamic_ncols=True):
       chunk = images[start:start + b]
-      pad = b - len(chunk)
+      pad = self.rows_for(len(chunk)) - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
       x = jax.device_put(chunk[..., None], self._rows)
-      out[start:start + b] = np.asarray(self._fn(self._variables, x))[:b - pad]
+      out[start:start + b] = np.asarray(self._fn(self._variables, x))[:len(chunk) - pad]
     return out
 
 
