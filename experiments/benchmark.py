@@ -33,7 +33,8 @@ each as the median of repeated timed runs after warm-up, every run synchronised
   * the per-layer table of the paper model's convolutions (forward, input gradient, weight
     gradient at batch 8) for the variant's backend and for PyTorch, with oneDNN's kernel names;
     and inference of the PyTorch peer's network on as many random 128x128 slices, in the same
-    batches (network-only ratio; JAX's network time includes its host-device copies).
+    batches, timed alternately with JAX's network (`network_reps` pairs; the ratio is the median
+    of the pairs' ratios; JAX's network time includes its host-device copies).
 
 `--quick` (CI smoke test, about 1 minute on 2 idle cores): demo model, batch 4, 1 warm-up + 3
 timed steps, default XLA flags (plus the oneDNN kernels where built), a 128x128x4 volume. The full
@@ -138,7 +139,10 @@ class Plan:
   volume_size: int = 512
   volume_slices: int = 100
   infer_batch: int = 8
-  infer_reps: int = 2
+  infer_reps: int = 2  # timed end-to-end volume runs
+  # timed network-only runs of the 100 slices, JAX and PyTorch alternating (after one untimed
+  # each): the JAX / PyTorch ratio is the median of the pairs' ratios
+  network_reps: int = 5
   conv_ops: bool = True  # the per-layer convolution table (forward, input grad, weight grad)
   pipeline_tr_slices: int = 64
   pipeline_batch: int = 8
@@ -154,7 +158,8 @@ def make_plan(quick: bool, *, models: Sequence[str] | None = None,
   if quick:
     plan = Plan(mode="quick", models=["demo"], batches=[4], dtypes=["float32"],
                 variants=["default"], warmup=1, steps=3, torch=torch, matmul_reps=2,
-                volume_size=128, volume_slices=4, infer_batch=4, infer_reps=1, conv_ops=False,
+                volume_size=128, volume_slices=4, infer_batch=4, infer_reps=1, network_reps=1,
+                conv_ops=False,
                 pipeline_tr_slices=16, pipeline_batch=4, pipeline_batches=5)
   else:
     plan = Plan(mode="full", models=["paper", "demo"], batches=[8, 16], dtypes=["float32"],
@@ -558,8 +563,10 @@ def matmul_gflops(n: int, dtype: str, reps: int, with_torch: bool) -> dict[str, 
           "foreign_cpu_share": foreign.share}
 
 
-def jax_inference(model_name: str, model: Any, variables: Any, plan: Plan) -> dict[str, Any]:
-  """Slices/s of `predict.segment_volume` on the plan's phantom volume, and of the network alone."""
+def jax_inference(model_name: str, model: Any, variables: Any, plan: Plan,
+                  with_torch: bool) -> dict[str, Any]:
+  """Slices/s of `predict.segment_volume` on the plan's phantom volume, and of the network alone
+  beside the PyTorch peer's (when `with_torch`), the two timed alternately."""
   config = model_config(model_name, "float32")
   contract = train.model_contract(config, (IMAGE_SIZE, IMAGE_SIZE))
   predictor = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(1),
@@ -573,20 +580,42 @@ def jax_inference(model_name: str, model: Any, variables: Any, plan: Plan) -> di
   seg = run()  # compiles
   first_s = time.perf_counter() - t0
   x = predict.network_inputs(np.moveaxis(seg.display_hu, 2, 0), contract)  # (Z, 128, 128)
+  z = x.shape[0]
+  peer = torch_network(model_name, z, plan) if with_torch else None
   with ForeignLoad() as foreign:
     volume_s = _timed(run, 0, plan.infer_reps)
-    network_s = _timed(lambda: predictor(x), 0, plan.infer_reps)
-  z = x.shape[0]
-  return {"model": model_name, "volume_shape": list(seg.file_shape),
-          "batch_size": predictor.batch_size, "first_call_s": first_s,
-          "volume_s": volume_s, "slices_s_volume": z / _median(volume_s),
-          "network_s": network_s, "slices_s_network": z / _median(network_s),
-          "foreign_cpu_share": foreign.share, "rss_mb_after": peak_rss_mb()}
+    network_s, torch_s = _alternating(lambda: predictor(x), peer, plan.network_reps)
+  out = {"model": model_name, "volume_shape": list(seg.file_shape),
+         "batch_size": predictor.batch_size, "first_call_s": first_s,
+         "volume_s": volume_s, "slices_s_volume": z / _median(volume_s),
+         "network_s": network_s, "slices_s_network": z / _median(network_s),
+         "foreign_cpu_share": foreign.share, "rss_mb_after": peak_rss_mb()}
+  if peer:
+    out.update({"torch_network_s": torch_s, "torch_slices_s_network": z / _median(torch_s),
+                # per pair: both sides saw the same minute of the machine
+                "ratio_network": _median([t / j for j, t in zip(network_s, torch_s)])})
+  return out
 
 
-def torch_inference(model_name: str, slices: int, plan: Plan) -> dict[str, Any]:
-  """Slices/s of the PyTorch peer's network alone (eval mode, inference_mode, channels_last) on
-  `slices` 128x128 inputs in batches of `plan.infer_batch`: the peer of JAX's network-only rate."""
+def _alternating(a: Callable[[], Any], b: Callable[[], Any] | None, reps: int
+                 ) -> tuple[list[float], list[float]]:
+  """Seconds of `reps` calls each of `a` and `b` (None: `a` alone), after one untimed call each,
+  in the order a b, b a, a b, ... so that neither side always runs first."""
+  fns = [a] if b is None else [a, b]
+  for fn in fns:
+    fn()
+  times: list[list[float]] = [[] for _ in fns]
+  for i in range(reps):
+    order = range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))
+    for k in order:
+      times[k].append(_seconds(fns[k]))
+  return times[0], (times[1] if b is not None else [])
+
+
+def torch_network(model_name: str, slices: int, plan: Plan) -> Callable[[], None]:
+  """A call running the PyTorch peer's network alone (eval mode, inference_mode, channels_last) on
+  `slices` random 128x128 inputs in batches of `plan.infer_batch`: the peer of JAX's
+  network-only rate."""
   import torch  # pylint: disable=g-import-not-at-top
   from experiments import torch_unet  # pylint: disable=g-import-not-at-top
   m = model_config(model_name).model
@@ -599,10 +628,7 @@ def torch_inference(model_name: str, slices: int, plan: Plan) -> dict[str, Any]:
       for i in range(0, slices, plan.infer_batch):
         torch.sigmoid(net(x[i:i + plan.infer_batch])[:, 0])
 
-  with ForeignLoad() as foreign:
-    times = _timed(run, 1, plan.infer_reps)
-  return {"torch_network_s": times, "torch_slices_s_network": slices / _median(times),
-          "torch_foreign_cpu_share": foreign.share}
+  return run
 
 
 def conv_layers(batch: int = 8, base: int = 64, depth: int = 4, size: int = IMAGE_SIZE
@@ -780,11 +806,8 @@ def run_variant(name: str, plan: Plan) -> dict[str, Any]:
              f"processes used {_pct(rec['foreign_cpu_share'])} of the CPU")
         del jx
     if plan.volume_path:
-      inf = jax_inference(model_name, *kept, plan)
+      inf = jax_inference(model_name, *kept, plan, with_torch)
       inf["dtype"] = plan.dtypes[0]
-      if with_torch:
-        inf.update(torch_inference(model_name, plan.volume_slices, plan))
-        inf["ratio_network"] = inf["slices_s_network"] / inf["torch_slices_s_network"]
       out["inference"].append(inf)
       _log(f"{name}: inference {model_name}: {inf['slices_s_volume']:.2f} slices/s end to end")
   if plan.conv_ops and name in CONV_OPS_VARIANTS:
@@ -1016,12 +1039,17 @@ def to_markdown(results: Mapping[str, Any]) -> str:
               "| model | variant | volume | batch | slices/s end to end | slices/s network "
               "| PyTorch slices/s network | network JAX / PyTorch | first call s "
               "| other processes' CPU |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    reps = plan.get("network_reps")
+    note = (f"Network alone: {reps} runs of JAX and PyTorch each, alternating; medians, and the "
+            "median of the per-pair ratios." if reps else "")
     for r in results["inference"]:
       lines.append(
           f"| {r['model']} | {r['xla_variant']} | {'x'.join(map(str, r['volume_shape']))} "
           f"| {r['batch_size']} | {_fmt(r['slices_s_volume'])} | {_fmt(r['slices_s_network'])} "
           f"| {_fmt(r.get('torch_slices_s_network'))} | {_fmt(r.get('ratio_network'))} "
           f"| {_fmt(r['first_call_s'], 1)} | {_pct(r.get('foreign_cpu_share'))} |")
+    if note:
+      lines += ["", note]
   conv_rows = [(v, row) for v, rows in (results.get("conv_ops") or {}).items() for row in rows]
   if conv_rows:
     lines += ["", "## Convolutions of the paper model, batch 8 (ms: forward / input grad / "
