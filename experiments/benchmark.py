@@ -59,6 +59,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -713,6 +714,10 @@ def conv_op_table(backend: str, with_torch: bool, batch: int = 8) -> list[dict[s
     pads, x_shape, w_shape = tuple(layer["pads"]), layer["x"], layer["w"]
     transposed, stride = layer["transposed"], None
     form = "conv"
+    if backend == "onednn" and all(re.fullmatch(r"up_\d+\.conv_0", n) for n in layer["layers"]):
+      # models.ConcatInputConv: on oneDNN the model runs this wide conv as two half-width ones
+      # (the shape of the level's conv_1 row); the row keeps the wide conv for the comparison.
+      form = "wide conv (the model runs 2 x its conv_1 shape instead)"
     if transposed and backend == "onednn":
       form, stride = "transposed conv, stride 2", 2
     elif transposed:  # XLA runs the sub-pixel form: a 2x2 conv to 4x the width
@@ -1040,8 +1045,9 @@ def to_markdown(results: Mapping[str, Any]) -> str:
               "| PyTorch slices/s network | network JAX / PyTorch | first call s "
               "| other processes' CPU |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     reps = plan.get("network_reps")
+    with_peer = any(r.get("ratio_network") is not None for r in results["inference"])
     note = (f"Network alone: {reps} runs of JAX and PyTorch each, alternating; medians, and the "
-            "median of the per-pair ratios." if reps else "")
+            "median of the per-pair ratios." if reps and with_peer else "")
     for r in results["inference"]:
       lines.append(
           f"| {r['model']} | {r['xla_variant']} | {'x'.join(map(str, r['volume_shape']))} "

@@ -287,6 +287,8 @@ def test_last_batch_runs_at_the_smallest_power_of_two_rows():
       jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 1)), train=False)
   p = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(1), batch_size=8)
   assert [p.rows_for(n) for n in (1, 2, 3, 4, 5, 7, 8)] == [1, 2, 4, 4, 8, 8, 8]
+  p6 = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(1), batch_size=6)
+  assert [p6.rows_for(n) for n in (1, 3, 4, 5, 6)] == [1, 4, 4, 6, 6]  # capped at the batch
   p8 = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(8), batch_size=16)
   assert [p8.rows_for(n) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
   seen = []

@@ -1,7 +1,8 @@
 """The process's host-memory policy: glibc's malloc keeps freed memory for reuse.
 
-This module owns one process-wide setting, applied by the entry points (`main`, `predict`, the
-benchmark and profiler) before JAX starts its threads. Why: on CPU, XLA allocates the buffers
+This module owns one process-wide setting, applied by every entry point (`main`, `predict`,
+`evaluate`, and the experiments' benchmark, profiler, reproduction and precision studies) before
+JAX starts its threads. Why: on CPU, XLA allocates the buffers
 of every executable run afresh (the paper model's train step: ~1.1 GB of temporaries) and frees
 them at its end. glibc serves blocks over its mmap threshold (32 MiB at most) with `mmap` and
 returns them with `munmap`, so every run touches fresh pages: 280,000 page faults per paper
@@ -60,7 +61,10 @@ def keep_freed_memory() -> bool:
   if mode not in ('reuse', 'system'):
     raise ValueError(f"{ENV} must be 'reuse' or 'system', got {mode!r}")
   libc = None if mode == 'system' else _glibc()
-  _applied = libc is not None and all(libc.mallopt(k, v) == 1 for k, v in _SETTINGS)
+  # Every setting is attempted (a list, not a short-circuiting all()), so a failure cannot leave
+  # some in force while status() says 'system'; any failure reports the policy as not in force.
+  results = [libc.mallopt(k, v) == 1 for k, v in _SETTINGS] if libc is not None else [False]
+  _applied = all(results)
   return _applied
 
 

@@ -11,7 +11,8 @@ This module owns the network only (no loss, no data, no devices). It reproduces
   * up-sampling by a 3x3 stride-2 transposed conv with bias whose width is the
     width of the level it returns to (base * 8 first), no BN/ReLU after it; its
     output is concatenated with the skip as `[upsampled, skip]` (Keras order),
-    then dropout 0.2, then a conv block;
+    then dropout 0.2, then a conv block (on oneDNN the pair is used without
+    being concatenated; see the switches below);
   * a 1x1 head. The authors' head has a sigmoid; ours returns logits (float32,
     even when computing in bfloat16) and the loss applies the sigmoid.
 
@@ -47,7 +48,9 @@ numbers (so checkpoints are interchangeable):
   * On oneDNN an up block's first conv takes the pair [upsampled, skip] without
     concatenating it (`ConcatInputConv`: one conv per half on its rows of the
     kernel, summed); dropout draws the pair's mask as that of the concatenation.
-    On XLA the pair is concatenated as in Keras.
+    On XLA the pair is concatenated as in Keras. In bfloat16 the two halves'
+    outputs are rounded to bfloat16 before they are summed: one rounding more
+    than the concatenated conv (float32 is unaffected beyond summation order).
   * `pool='max_pool'` uses `nn.max_pool` (select-and-scatter gradient);
     `pool='reshape'` (default) reshapes to (B, H/2, 2, W/2, 2, C) and reduces
     with max, about 2x faster backward on CPU. The two gradients differ only

@@ -168,7 +168,8 @@ class SlicePredictor:
   smallest power-of-two rows per device that hold it, zero-padded, the padding dropped. So a
   100-slice volume at batch 8 on one device runs 12 x 8 + 1 x 4 rows, not 13 x 8 (4% less work;
   at the command line's batch 32 it is 3 x 32 + 4, not 4 x 32: 22% less). Each such size
-  compiles once per predictor (jit's cache); there are at most log2(batch / devices) of them.
+  compiles once per predictor (jit's cache); besides the full batch there are at most
+  ceil(log2(batch / devices)) of them.
   Single-process only (one host's devices).
   """
 
