@@ -49,6 +49,11 @@ across machines; a ratio measured in one run on one machine, with the CPU record
 
 from __future__ import annotations
 
+from tvunet_jax import host_memory
+
+if __name__ == "__main__":  # run as a program: before JAX's threads exist
+  host_memory.keep_freed_memory()
+
 import argparse
 import dataclasses
 import datetime
@@ -76,7 +81,6 @@ import numpy as np
 
 from experiments.configs import default as default_config
 from experiments.configs import paper_split1 as paper_config
-from tvunet_jax import host_memory
 from tvunet_jax import losses
 from tvunet_jax import models
 from tvunet_jax import nifti_io

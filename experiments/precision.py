@@ -12,6 +12,11 @@ About 5 minutes per run on 2 cores.
 
 from __future__ import annotations
 
+from tvunet_jax import host_memory
+
+if __name__ == "__main__":  # run as a program: before JAX's threads exist
+  host_memory.keep_freed_memory()
+
 import argparse
 import json
 import os
@@ -22,7 +27,6 @@ import numpy as np
 
 from experiments.configs import default
 from tvunet_jax import checkpointing
-from tvunet_jax import host_memory
 from tvunet_jax import nifti_io
 from tvunet_jax import train
 from tvunet_jax.kernels import conv

@@ -15,6 +15,11 @@ benchmark (use `experiments/benchmark.py` for speed claims).
 
 from __future__ import annotations
 
+from tvunet_jax import host_memory
+
+if __name__ == '__main__':  # run as a program: before JAX's threads exist
+  host_memory.keep_freed_memory()
+
 import argparse
 import collections
 import functools
@@ -32,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchmark
-from tvunet_jax import host_memory
 from tvunet_jax import models
 from tvunet_jax.kernels import conv
 

@@ -12,6 +12,11 @@ tiny phantom and network (a few minutes on 2 cores) and checks the machinery, no
 
 from __future__ import annotations
 
+from tvunet_jax import host_memory
+
+if __name__ == "__main__":  # run as a program: before JAX's threads exist
+  host_memory.keep_freed_memory()
+
 import argparse
 import json
 import os
@@ -25,7 +30,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments.configs import default  # pylint: disable=g-import-not-at-top
 from tvunet_jax import checkpointing  # pylint: disable=g-import-not-at-top
-from tvunet_jax import host_memory  # pylint: disable=g-import-not-at-top
 from tvunet_jax import nifti_io  # pylint: disable=g-import-not-at-top
 from tvunet_jax import train  # pylint: disable=g-import-not-at-top
 

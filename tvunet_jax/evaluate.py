@@ -22,6 +22,11 @@ batches) is `predict.py`'s, so evaluation and inference cannot disagree.
 
 from __future__ import annotations
 
+from tvunet_jax import host_memory
+
+if __name__ == "__main__":  # run as a program: before JAX's threads exist
+  host_memory.keep_freed_memory()
+
 import argparse
 import json
 import math
@@ -36,7 +41,6 @@ import tqdm
 
 from tfds_builder import covid19_ct_seg
 from tvunet_jax import checkpointing
-from tvunet_jax import host_memory
 from tvunet_jax import input_pipeline
 from tvunet_jax import metrics
 from tvunet_jax import nifti_io

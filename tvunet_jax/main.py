@@ -11,6 +11,11 @@ On Cloud TPU pods, SLURM and Open MPI launches, `jax.distributed.initialize()` r
 cluster from the environment (`--distributed=auto` does this when it finds one).
 """
 
+from tvunet_jax import host_memory
+
+if __name__ == "__main__":  # run as a program: before JAX's threads exist
+  host_memory.keep_freed_memory()
+
 import json
 import os
 
@@ -18,7 +23,6 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tvunet_jax import host_memory
 from tvunet_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
@@ -41,7 +45,7 @@ def _cluster_from_env() -> bool:
 
 def main(argv):
   del argv
-  host_memory.keep_freed_memory()  # before JAX starts its threads
+  host_memory.keep_freed_memory()  # for callers of main(); once applied, a no-op
   # Orbax logs every save and manager option at INFO; keep the console for the run itself.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
   explicit = _COORDINATOR.value is not None or (_NUM_PROCESSES.value or 1) > 1

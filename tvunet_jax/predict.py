@@ -28,6 +28,11 @@ one. The percentage of lung involved is (lesion voxels inside the lung) / (lung 
 
 from __future__ import annotations
 
+from tvunet_jax import host_memory
+
+if __name__ == "__main__":  # run as a program: before JAX's threads exist
+  host_memory.keep_freed_memory()
+
 import argparse
 import dataclasses
 import math
@@ -47,7 +52,6 @@ from scipy import ndimage
 
 from tfds_builder.covid19_ct_seg import covid19_ct_seg_dataset_builder as builder_lib
 from tvunet_jax import checkpointing
-from tvunet_jax import host_memory
 from tvunet_jax import input_pipeline
 from tvunet_jax import metrics
 from tvunet_jax import nifti_io
