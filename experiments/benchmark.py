@@ -780,8 +780,6 @@ def _torch_status(plan: Plan) -> dict[str, Any]:
 
 def run_variant(name: str, plan: Plan) -> dict[str, Any]:
   """Every JAX and PyTorch measurement of the plan under this process's XLA flags (a child)."""
-  # The entry points' malloc policy, before JAX or PyTorch start threads: both sides run under it.
-  host_memory.keep_freed_memory()
   # Compile times must be real compilations, not persistent-cache reads.
   jax.config.update("jax_enable_compilation_cache", False)
   torch_info = _torch_status(plan)

@@ -62,7 +62,6 @@ def markdown(rows: list[dict], command: str, minutes: float, backend: str) -> st
 
 
 def main(argv=None) -> int:
-  host_memory.keep_freed_memory()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, default=2)
   parser.add_argument("--out", default=os.path.join("experiments", "results", "precision"))

@@ -97,7 +97,6 @@ def profile(call: Callable[[], Any], reps: int) -> tuple[collections.Counter, fl
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  host_memory.keep_freed_memory()
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--model', default='paper', choices=('paper', 'demo'))

@@ -123,7 +123,6 @@ def plot_pr(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-  host_memory.keep_freed_memory()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny data and model; smoke test")
   parser.add_argument("--out", default=os.path.join("experiments", "results"))

@@ -447,7 +447,6 @@ def evaluate_workdirs(workdirs: Sequence[str], *, split: str = "test",
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line; returns the exit code (0 ok, 2 on a bad workdir, checkpoint or data)."""
-  host_memory.keep_freed_memory()
   ap = argparse.ArgumentParser(prog="python -m tvunet_jax.evaluate",
                                description="Evaluate trained runs on a data split.")
   ap.add_argument("--workdir", action="append", required=True,

@@ -45,7 +45,6 @@ def _cluster_from_env() -> bool:
 
 def main(argv):
   del argv
-  host_memory.keep_freed_memory()  # for callers of main(); once applied, a no-op
   # Orbax logs every save and manager option at INFO; keep the console for the run itself.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
   explicit = _COORDINATOR.value is not None or (_NUM_PROCESSES.value or 1) > 1

@@ -210,11 +210,12 @@ class SlicePredictor:
     for start in tqdm.trange(0, n, b, disable=not progress, desc=desc, unit="batch",
                              leave=False, dynamic_ncols=True):
       chunk = images[start:start + b]
-      pad = self.rows_for(len(chunk)) - len(chunk)
+      rows = len(chunk)
+      pad = self.rows_for(rows) - rows
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
       x = jax.device_put(chunk[..., None], self._rows)
-      out[start:start + b] = np.asarray(self._fn(self._variables, x))[:len(chunk) - pad]
+      out[start:start + rows] = np.asarray(self._fn(self._variables, x))[:rows]
     return out
 
 
@@ -537,7 +538,6 @@ def console_table(reports: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line; returns the exit code (0 ok, 2 a bad checkpoint or at least one bad volume)."""
-  host_memory.keep_freed_memory()
   ap = argparse.ArgumentParser(prog="python -m tvunet_jax.predict",
                                description="Segment COVID-19 lesions in chest-CT NIfTI volumes.")
   ap.add_argument("volumes", nargs="+", help=".nii / .nii.gz CT volumes in HU")
