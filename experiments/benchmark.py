@@ -23,11 +23,13 @@ each as the median of repeated timed runs after warm-up, every run synchronised
     step's shape), the input pipeline's slices/s on one core (`num_threads=1`, pinned to one CPU),
     inference slices/s on a 512x512 phantom volume (`predict.segment_volume`, end to end and
     network only) and the peak resident memory of each process;
-  * in full mode, every number under four variants: XLA's convolutions with XLA's default flags
+  * in full mode, every number under five variants: XLA's convolutions with XLA's default flags
     (`default`) and with `--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce`
-    (`ynn`, see STACK.md), and the oneDNN kernels of `tvunet_jax/kernels` under both (`onednn`,
-    `onednn_ynn`; they fall back to XLA, and say so in `conv_backend`, where the library is not
-    built). XLA reads its flags once, when the backend starts, so each variant runs in a child
+    (`ynn`, see STACK.md), and the kernels of `tvunet_jax/kernels` under both (`onednn`,
+    `onednn_ynn`: oneDNN's direct convolutions plus the Winograd F(4x4, 3x3) kernels where
+    `conv.use_winograd` picks them; they fall back to XLA, and say so in `conv_backend`, where the
+    library is not built), and `onednn_direct`, oneDNN's direct convolutions alone
+    (TVUNET_WINOGRAD=off: the before of the Winograd kernels). XLA reads its flags once, when the backend starts, so each variant runs in a child
     process of this command (which itself only writes the phantom data and times the input
     pipeline);
   * the per-layer table of the paper model's convolutions (forward, input gradient, weight
@@ -38,7 +40,7 @@ each as the median of repeated timed runs after warm-up, every run synchronised
 
 `--quick` (CI smoke test, about 1 minute on 2 idle cores): demo model, batch 4, 1 warm-up + 3
 timed steps, default XLA flags (plus the oneDNN kernels where built), a 128x128x4 volume. The full
-run (paper + demo, batch 8 and 16, 1 warm-up + 5 timed steps, four variants, a 512x512x100 volume)
+run (paper + demo, batch 8 and 16, 1 warm-up + 5 timed steps, five variants, a 512x512x100 volume)
 takes about an hour on 2 cores; `--batches 8` about half; the JSON records the duration. On a machine shared with other work, check `uptime` first: under
 load PyTorch's OpenMP threads slow down far more than XLA's (10x was seen), which flatters JAX.
 
@@ -106,10 +108,15 @@ XLA_VARIANTS = {
     "ynn": YNN_FLAGS,
     "onednn": "",
     "onednn_ynn": YNN_FLAGS,
+    "onednn_direct": "",
 }
 # Who computes the convolutions in each variant (TVUNET_CONV_BACKEND of the child process); a
 # variant asking for oneDNN where the library is not built records what actually ran ('xla').
-CONV_BACKENDS = {"default": "xla", "ynn": "xla", "onednn": "onednn", "onednn_ynn": "onednn"}
+CONV_BACKENDS = {"default": "xla", "ynn": "xla", "onednn": "onednn", "onednn_ynn": "onednn",
+                 "onednn_direct": "onednn"}
+# TVUNET_WINOGRAD of the child where a variant sets it (others inherit the caller's, default
+# 'auto'): 'onednn_direct' is the oneDNN backend before the Winograd kernels, for A/B runs.
+WINOGRAD_MODES = {"onednn_direct": "off"}
 # The per-layer conv table is measured where each backend is at its best (it takes minutes).
 CONV_OPS_VARIANTS = ("ynn", "onednn")
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
@@ -788,6 +795,7 @@ def run_variant(name: str, plan: Plan) -> dict[str, Any]:
       "variant": name, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "malloc": host_memory.status(),
       "conv_backend": conv.resolve("auto"), "onednn_version": conv.onednn_version(),
+      "winograd": conv.winograd_mode() if conv.resolve("auto") == "onednn" else None,
       "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(), "torch": torch_info, "matmul_gflops": {}, "train": [],
       "inference": [],
@@ -840,6 +848,8 @@ def spawn_variant(name: str, plan: Plan, workdir: str, timeout_s: float = 4 * 36
   env = dict(os.environ)
   env["XLA_FLAGS"] = _child_xla_flags(name)
   env[conv.ENV_BACKEND] = CONV_BACKENDS[name]
+  if name in WINOGRAD_MODES:
+    env[conv.ENV_WINOGRAD] = WINOGRAD_MODES[name]
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
@@ -957,7 +967,8 @@ def make_records(env: Mapping, variants: Sequence[Mapping]) -> list[dict]:
       model_gflop = tr["model_gflop_per_img"]
       records.append({
           "model": tr["model"], "dtype": tr["dtype"], "batch": tr["batch"],
-          "conv_backend": v.get("conv_backend", "xla"), "xla_variant": v["variant"],
+          "conv_backend": v.get("conv_backend", "xla"), "winograd": v.get("winograd"),
+          "xla_variant": v["variant"],
           "xla_flags": v["xla_flags"],
           "jax_img_s": jax_img_s, "torch_img_s": torch_img_s,
           "ratio": jax_img_s / torch_img_s if torch_img_s else None,
@@ -984,6 +995,13 @@ def _fmt(x: Any, digits: int = 2) -> str:
   if isinstance(x, float):
     return f"{x:.{digits}f}"
   return str(x)
+
+
+def _convs(record: Mapping[str, Any]) -> str:
+  """'xla', 'onednn', or 'onednn + winograd auto' (the TVUNET_WINOGRAD mode, when not off)."""
+  backend, mode = record.get("conv_backend", "xla"), record.get("winograd")
+  return f"{backend} + winograd {mode}" if backend == "onednn" and mode not in (None, "off") else (
+      backend)
 
 
 def to_markdown(results: Mapping[str, Any]) -> str:
@@ -1020,13 +1038,19 @@ def to_markdown(results: Mapping[str, Any]) -> str:
   for r in results["records"]:
     lines.append(
         f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['xla_variant']} "
-        f"| {r.get('conv_backend', 'xla')} | {_fmt(r['jax_img_s'])} | {_fmt(_total_compile_s(r), 1)} "
+        f"| {_convs(r)} | {_fmt(r['jax_img_s'])} | {_fmt(_total_compile_s(r), 1)} "
         f"| {_fmt(r['torch_img_s'])} | {_fmt(r['ratio'])} "
         f"| {_fmt(r.get('xla_gflop_per_img'), 1)} / {_fmt(r.get('model_gflop_per_img'), 1)} "
         f"| {_fmt(r.get('jax_gflops'), 1)} | {_pct(r.get('jax_mfu'))} "
         f"| {_pct(r.get('jax_mfu_model'))} / {_pct(r.get('torch_mfu_model'))} "
         f"| {_pct(r.get('jax_tv_share'))} / {_pct(r.get('torch_tv_share'))} "
         f"| {_pct(r.get('foreign_cpu_share'))} |")
+  if any(r.get("winograd") not in (None, "off") and r.get("conv_backend") == "onednn"
+         for r in results["records"]):
+    lines += ["", "MFU (model) counts the direct convolution's FLOPs for every framework; where "
+              "the Winograd kernels run (convs 'onednn + winograd') they do fewer "
+              "multiplications, so there it measures throughput, not the hardware's "
+              "utilisation."]
   bf16_n = plan.get("bf16_matmul_n")
   size = f"{plan['matmul_n']}x{plan['matmul_n']}" + (
       f"; bfloat16 {bf16_n}x{bf16_n}" if bf16_n and "bfloat16" in results["matmul_gflops"] else "")
@@ -1133,7 +1157,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--batches", default="", help="comma-separated batch sizes")
   p.add_argument("--dtypes", default="", help="comma-separated: float32,bfloat16")
   p.add_argument("--variants", default="",
-                 help="comma-separated variants: default,ynn,onednn,onednn_ynn")
+                 help="comma-separated variants: default,ynn,onednn,onednn_ynn,onednn_direct")
   p.add_argument("--no_conv_ops", action="store_true", help="skip the per-layer conv table")
   p.add_argument("--steps", type=int, default=None, help="timed train steps")
   p.add_argument("--warmup", type=int, default=None, help="untimed train steps")

@@ -153,7 +153,10 @@ def test_plan_quick_and_bad_names():
   assert not plan.conv_ops
   full = benchmark.make_plan(False)
   assert full.models == ["paper", "demo"] and full.batches == [8, 16] and full.steps >= 5
-  assert full.variants == ["default", "ynn", "onednn", "onednn_ynn"] and full.volume_size == 512
+  assert full.variants == ["default", "ynn", "onednn", "onednn_ynn", "onednn_direct"]
+  assert full.volume_size == 512
+  # onednn_direct is the oneDNN backend with the Winograd kernels off (the A/B's before)
+  assert benchmark.WINOGRAD_MODES == {"onednn_direct": "off"}
   assert full.volume_slices == 100 and full.conv_ops  # issue 8: a 100-slice volume
   assert {benchmark.CONV_BACKENDS[v] for v in full.variants} == {"xla", "onednn"}
   with pytest.raises(ValueError, match=r"unknown models \['resnet'\]"):
@@ -180,6 +183,20 @@ def _fake_variant(name, jax_img_s, torch_img_s, matmul):
           "inference": [{"model": "paper", "volume_shape": [512, 512, 24], "batch_size": 8,
                          "slices_s_volume": 3.0, "slices_s_network": 4.0, "first_call_s": 9.0}],
           "peak_rss_mb": 1000.0}
+
+
+def _fake_results(env, variants):
+  """A results dict of `variants` (all successful) as `main` writes it."""
+  return {
+      "command": "python -m experiments.benchmark", "mode": "full",
+      "started_utc": "2026-01-01T00:00:00+00:00", "duration_s": 900.0, "environment": env,
+      "load_avg_end": [0.4, 0.4, 0.4], "device_kind": "cpu",
+      "plan": {"steps": 5, "warmup": 1, "matmul_n": 4096},
+      "matmul_gflops": benchmark.peak_gflops(variants),
+      "records": benchmark.make_records(env, variants), "inference": [],
+      "input_pipeline": {"batch": 8, "dataset_slices": 90, "slices_s": {"plain": 400.0}},
+      "torch": {"threads": 2}, "peak_rss_mb": {"parent": 800.0}, "errors": [],
+  }
 
 
 def test_records_and_markdown_on_a_fake_result():
@@ -273,10 +290,18 @@ def test_onednn_records_and_conv_table():
   env = {"cpu_model": "Fake CPU", "cores": 2, "isa_flags": {f: False for f in benchmark.ISA_FLAGS},
          "commit": "abc", "dirty": False, "versions": {"jax": "0.10.2"},
          "load_avg_start": [0.1, 0.2, 0.3]}
-  v = {**_fake_variant("onednn", 3.0, 2.5, {"jax": 200.0}), "conv_backend": "onednn"}
-  (rec,) = benchmark.make_records(env, [v])
+  v = {**_fake_variant("onednn", 3.0, 2.5, {"jax": 200.0}), "conv_backend": "onednn",
+       "winograd": "auto"}
+  direct = {**_fake_variant("onednn_direct", 2.0, 2.5, {"jax": 200.0}), "conv_backend": "onednn",
+            "winograd": "off"}
+  rec, rec_direct = benchmark.make_records(env, [v, direct])
   assert rec["conv_backend"] == "onednn" and rec["jax_mfu"] is None
   assert rec["jax_mfu_model"] == pytest.approx(3.0 * 60.0 / 200.0)
+  assert (rec["winograd"], rec_direct["winograd"]) == ("auto", "off")
+  rows = [line for line in benchmark.to_markdown(_fake_results(env, [v, direct])).splitlines()
+          if line.startswith("| paper | float32 | 8 |")]
+  assert "| onednn + winograd auto |" in rows[0] and "| onednn |" in rows[1]
+  assert "Winograd kernels run" in benchmark.to_markdown(_fake_results(env, [v, direct]))
   layers = benchmark.conv_layers(batch=8)
   names = [n for layer in layers for n in layer["layers"]]
   # 2 convs per block x (4 down + bottleneck + 4 up) + 4 up-samplings + head, each once.

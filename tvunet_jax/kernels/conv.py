@@ -37,7 +37,7 @@ import ctypes
 import functools
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,9 @@ DATA_AXIS = 'data'  # sharding.DATA_AXIS (not imported: sharding must not depend
 TARGETS = {0: 'tvunet_onednn_conv_fwd', 1: 'tvunet_onednn_conv_bwd_data',
             2: 'tvunet_onednn_conv_bwd_weights', 3: 'tvunet_onednn_deconv_fwd',
             4: 'tvunet_onednn_deconv_bwd_data', 5: 'tvunet_onednn_deconv_bwd_weights'}
+WINOGRAD_TARGETS = ('tvunet_winograd_conv', 'tvunet_winograd_wgrad')  # winograd.cc
+ENV_WINOGRAD = 'TVUNET_WINOGRAD'  # auto (default) / off / all: see `use_winograd`
+WINOGRAD_MODES = ('auto', 'off', 'all')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 _state: dict[str, Any] = {}
@@ -82,7 +85,7 @@ def load() -> ctypes.CDLL | None:
     else:
       try:
         lib = ctypes.CDLL(path)
-        for name in TARGETS.values():
+        for name in (*TARGETS.values(), *WINOGRAD_TARGETS):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
         lib.tvunet_onednn_impl.argtypes = (
             [ctypes.c_int] * 2 + [ctypes.c_int64] * 12 + [ctypes.c_char_p, ctypes.c_int])
@@ -229,37 +232,55 @@ def onednn_ops(x: jax.Array, w: jax.Array, dy: jax.Array, pads: tuple[int, int, 
                           (x, dy))}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _onednn(x, w, pads, stride):
+class _Kernels(NamedTuple):
+  """One convolution's three per-device kernels (each on the local rows of the batch)."""
+  fwd: Callable[[jax.Array, jax.Array], jax.Array]  # (x, w) -> y
+  bwd_data: Callable[[jax.Array, jax.Array], jax.Array]  # (dy, w) -> dx
+  bwd_weights: Callable[[jax.Array, jax.Array], jax.Array]  # (x, dy) -> dw, float32
+
+
+@functools.cache
+def _direct(x_hw: tuple[int, int], w_shape: tuple[int, ...], pads: tuple[int, int, int, int],
+            stride: int | None) -> _Kernels:
+  """oneDNN's direct convolution (stride None) or transposed convolution (int stride)."""
+  return _Kernels(functools.partial(_fwd_local, pads=pads, stride=stride),
+                  functools.partial(_bwd_data_local, x_hw=x_hw, pads=pads, stride=stride),
+                  functools.partial(_bwd_weights_local, w_shape=w_shape, pads=pads,
+                                    stride=stride))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _sharded(x, w, kernels: _Kernels):
   mesh = _data_mesh(x.shape[0])
-  f = functools.partial(_fwd_local, pads=pads, stride=stride)
   if mesh is None:
-    return f(x, w)
-  return jax.shard_map(f, mesh=mesh, in_specs=(P(DATA_AXIS), P()), out_specs=P(DATA_AXIS),
-                       check_vma=False)(x, w)
+    return kernels.fwd(x, w)
+  return jax.shard_map(kernels.fwd, mesh=mesh, in_specs=(P(DATA_AXIS), P()),
+                       out_specs=P(DATA_AXIS), check_vma=False)(x, w)
 
 
-def _onednn_fwd(x, w, pads, stride):
-  return _onednn(x, w, pads, stride), (x, w)
+def _sharded_fwd(x, w, kernels):
+  return _sharded(x, w, kernels), (x, w)
 
 
-def _onednn_bwd(pads, stride, res, g):
+def _sharded_bwd(kernels, res, g):
   x, w = res
   mesh = _data_mesh(x.shape[0])
-  bwd_data = functools.partial(_bwd_data_local, x_hw=x.shape[1:3], pads=pads, stride=stride)
-  bwd_weights = functools.partial(_bwd_weights_local, w_shape=w.shape, pads=pads, stride=stride)
   if mesh is None:
-    dx, dw = bwd_data(g, w), bwd_weights(x, g)
+    dx, dw = kernels.bwd_data(g, w), kernels.bwd_weights(x, g)
   else:
-    dx = jax.shard_map(bwd_data, mesh=mesh, in_specs=(P(DATA_AXIS), P()),
+    dx = jax.shard_map(kernels.bwd_data, mesh=mesh, in_specs=(P(DATA_AXIS), P()),
                        out_specs=P(DATA_AXIS), check_vma=False)(g, w)
-    dw = jax.shard_map(lambda a, b: lax.psum(bwd_weights(a, b), DATA_AXIS), mesh=mesh,
+    dw = jax.shard_map(lambda a, b: lax.psum(kernels.bwd_weights(a, b), DATA_AXIS), mesh=mesh,
                        in_specs=(P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(),
                        check_vma=False)(x, g)
   return dx, dw.astype(w.dtype)
 
 
-_onednn.defvjp(_onednn_fwd, _onednn_bwd)
+_sharded.defvjp(_sharded_fwd, _sharded_bwd)
+
+
+def _onednn(x, w, pads, stride):
+  return _sharded(x, w, _direct(x.shape[1:3], w.shape, pads, stride))
 
 
 def _onednn_any_bf16(x, w, pads, stride):
@@ -310,6 +331,85 @@ def onednn_conv_transpose(x: jax.Array, w: jax.Array, stride: int,
   return _onednn_any_bf16(x, w, tuple(pads), int(stride))
 
 
+# --- Winograd F(4x4, 3x3) (winograd.cc) ----------------------------------------------------------
+
+def _winograd_call(target: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array,
+                   **attrs: Any) -> jax.Array:
+  if load() is None:
+    raise RuntimeError(f'oneDNN convolutions unavailable: {_state["why"]}')
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method='sequential')(a, b, **attrs)
+
+
+_WINOGRAD = _Kernels(
+    fwd=lambda x, w: _winograd_call(WINOGRAD_TARGETS[0], (*x.shape[:3], w.shape[3]), x, w,
+                                    transposed=np.int64(0)),
+    bwd_data=lambda dy, w: _winograd_call(WINOGRAD_TARGETS[0], (*dy.shape[:3], w.shape[2]), dy,
+                                          w, transposed=np.int64(1)),
+    bwd_weights=lambda x, dy: _winograd_call(WINOGRAD_TARGETS[1], (3, 3, x.shape[3], dy.shape[3]),
+                                             x, dy))
+
+
+def winograd_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`
+  for a 3x3 kernel by Winograd's F(4x4, 3x3) algorithm (`winograd.cc`).
+
+  36 multiplications per 4x4 output tile and channel pair instead of 144, for the forward pass
+  and both gradients; the results differ from the direct convolution by float32 rounding
+  (relative error about 1e-5, tested). Reverse-mode only, like `onednn_conv`, and sharded the same
+  way under a mesh with a `data` axis.
+
+  Args:
+    x: (N, H, W, Ci) float32, any H, W >= 1.
+    w: (3, 3, Ci, Co) float32.
+
+  Returns:
+    (N, H, W, Co) float32.
+  """
+  if x.dtype != jnp.float32 or w.dtype != jnp.float32 or w.shape[:2] != (3, 3):
+    raise ValueError(f'winograd_conv takes float32 x and a (3, 3, Ci, Co) kernel, got '
+                     f'{x.dtype} {x.shape} and {w.dtype} {w.shape}')
+  return _sharded(x, w, _WINOGRAD)
+
+
+def winograd_mode() -> str:
+  """$TVUNET_WINOGRAD: 'auto' (default), 'off' or 'all'."""
+  mode = os.environ.get(ENV_WINOGRAD) or 'auto'
+  if mode not in WINOGRAD_MODES:
+    raise ValueError(f'${ENV_WINOGRAD} must be one of {WINOGRAD_MODES}, got {mode!r}')
+  return mode
+
+
+def use_winograd(x_shape: Sequence[int], w_shape: Sequence[int], dtype: Any,
+                 pads: Sequence[int], local_batch: int | None = None) -> bool:
+  """Whether the oneDNN backend runs this convolution by `winograd_conv`.
+
+  Only 3x3, pad-1, float32 convolutions qualify (bfloat16 keeps the direct kernels: the point of
+  bf16 is AMX/AVX-512 bf16 arithmetic, which the float32 transforms would not use). Under
+  $TVUNET_WINOGRAD 'all' every one that qualifies does; 'off' none; 'auto' those where it measured
+  faster than oneDNN's direct kernel, forward and backward (experiments/README.md): at least 128
+  channels in and out, so that the 36 GEMMs run near peak and the transforms' memory traffic is
+  small next to them, and at least 128 tiles of 4x4 per device, so that the per-call weight
+  transform is small next to the GEMMs. For the paper model at batch 8 that is the 64x64, 32x32
+  and 16x16 levels; the 128x128 level (64 channels) and the 8x8 bottleneck (32 tiles) stay
+  direct.
+
+  Args:
+    x_shape: (N, H, W, Ci); w_shape: (KH, KW, Ci, Co); dtype: the activations' dtype.
+    pads: (top, bottom, left, right).
+    local_batch: rows per device (default N).
+  """
+  mode = winograd_mode()
+  if (mode == 'off' or tuple(w_shape[:2]) != (3, 3) or tuple(pads) != (1, 1, 1, 1)
+      or jnp.dtype(dtype) != jnp.float32):
+    return False
+  if mode == 'all':
+    return True
+  n, h, w = local_batch or x_shape[0], x_shape[1], x_shape[2]
+  tiles = n * -(-h // 4) * -(-w // 4)
+  return min(w_shape[2], w_shape[3]) >= 128 and tiles >= 128
+
+
 # --- the drop-in for lax.conv_general_dilated ----------------------------------------------------
 
 def _explicit_pads(padding: Any, x_shape, w_shape) -> tuple[int, int, int, int] | None:
@@ -356,6 +456,10 @@ def conv_general_dilated(backend: str = 'auto') -> Callable[..., jax.Array]:
           feature_group_count=feature_group_count, batch_group_count=batch_group_count,
           precision=precision, preferred_element_type=preferred_element_type)
     # `precision` does not apply: oneDNN computes float32 in float32 and bf16 with f32 sums.
+    mesh = _data_mesh(lhs.shape[0])
+    local = lhs.shape[0] // (mesh.shape[DATA_AXIS] if mesh is not None else 1)
+    if use_winograd(lhs.shape, rhs.shape, lhs.dtype, pads, local):
+      return winograd_conv(lhs, rhs)
     return onednn_conv(lhs, rhs, pads)
 
   return conv

@@ -43,6 +43,14 @@
 
 namespace ffi = xla::ffi;
 
+namespace tvunet {
+// One kernel at a time, this file's and winograd.cc's (see above).
+std::mutex& ExecutionLock() {
+  static std::mutex* mu = new std::mutex;
+  return *mu;
+}
+}  // namespace tvunet
+
 namespace {
 
 using dnnl::memory;
@@ -263,13 +271,12 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
   }
   try {
     const auto entry = Lookup(op, dt == ffi::DataType::BF16, g);
-    static std::mutex* run_mu = new std::mutex;
     static auto* scratch = new Buffer;
     static auto* weights = new Buffer;
     static auto* x_buf = new Buffer;
     static auto* dy_buf = new Buffer;
     static dnnl::stream* stream = nullptr;
-    std::lock_guard<std::mutex> lock(*run_mu);
+    std::lock_guard<std::mutex> lock(tvunet::ExecutionLock());
     auto& eng = Engine();
     if (stream == nullptr) stream = new dnnl::stream(eng);
     const auto adt = dt == ffi::DataType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;

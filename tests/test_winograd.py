@@ -1,0 +1,222 @@
+"""Tests for the Winograd F(4x4, 3x3) convolutions (tvunet_jax/kernels/winograd.cc, conv.py).
+
+What is pinned, against references independent of the kernels (`lax.conv_general_dilated` at
+precision HIGHEST, and a float64 numpy loop):
+
+  * `winograd_conv`: forward, input gradient and weight gradient on shapes that cross every edge
+    of the algorithm (H, W not multiples of the 4x4 tile, a 1x1 image, channel counts across the
+    64-channel vector blocks, batch 1), within the float32 rounding the transforms add (5e-5
+    relative; the direct kernels are held to 1e-5);
+  * under an 8-device data mesh (per-shard kernels, the weight gradient summed once);
+  * `use_winograd`: which layers the 'auto' rule picks for the paper model, the 'off'/'all'
+    modes, what never qualifies (bf16, other kernels or pads), a misspelt mode;
+  * the drop-in `conv_general_dilated('onednn')` routing qualifying convs to it, and the U-Net
+    with every 3x3 conv on it (TVUNET_WINOGRAD=all) against XLA;
+  * the handlers' one-line errors on inconsistent shapes.
+
+Tests need the built library (`needs_onednn` from test_kernels: skipped without it, failed under
+TVUNET_REQUIRE_ONEDNN=1). Shapes are tiny; the 'auto' rule is tested on shapes alone (no large
+arrays).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tvunet_jax import models
+from tvunet_jax import sharding
+from tvunet_jax.kernels import conv
+from tests.test_kernels import (NHWC, _assert_trees_close, _fwd_and_grads, _normal, _ref_conv,
+                                _rel_err, _tiny_unet, needs_onednn, onednn_library)  # noqa: F401
+
+SAME = (1, 1, 1, 1)
+RTOL = 5e-5  # F(4x4, 3x3) measured 1e-6..2e-5 on these shapes (the direct kernels: ~1e-6)
+WINOGRAD = 'tvunet_winograd_'
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+  """No TVUNET_CONV_BACKEND / TVUNET_WINOGRAD from the caller's environment."""
+  monkeypatch.delenv(conv.ENV_BACKEND, raising=False)
+  monkeypatch.delenv(conv.ENV_WINOGRAD, raising=False)
+
+
+CASES = {  # (x shape, Co)
+    'tiles_exact': ((2, 8, 8, 4), 8),
+    'ragged_tiles_odd_channels': ((1, 13, 9, 5), 7),
+    'one_pixel': ((1, 1, 1, 3), 2),
+    'tall_narrow_batch3': ((3, 17, 4, 8), 16),
+    'channels_across_blocks': ((2, 8, 8, 130), 129),
+    'one_input_channel': ((1, 6, 7, 1), 64),
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize('x_shape,co', CASES.values(), ids=CASES.keys())
+def test_winograd_matches_lax(x_shape, co):
+  x, w = _normal(0, x_shape), _normal(1, (3, 3, x_shape[3], co)) / np.sqrt(9 * x_shape[3])
+  cot = _normal(2, (*x_shape[:3], co))
+  got = jax.jit(functools.partial(_fwd_and_grads, conv.winograd_conv))(x, w, cot)
+  want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, SAME)))(x, w, cot)
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert g.shape == r.shape and g.dtype == jnp.float32, (name, g.shape, g.dtype)
+    assert _rel_err(g, r) <= RTOL, (name, _rel_err(g, r))
+
+
+def _numpy_conv_same(x, w):
+  """y[n,i,j,o] = sum_{k,l,c} xpad[n,i+k,j+l,c] w[k,l,c,o] in float64."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  n, h, wd, _ = x.shape
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y = np.zeros((n, h, wd, w.shape[3]))
+  for k in range(3):
+    for l in range(3):
+      y += np.einsum('nhwc,co->nhwo', xp[:, k:k + h, l:l + wd], w[k, l])
+  return y
+
+
+@needs_onednn
+def test_winograd_matches_numpy_and_its_gradients_are_the_adjoints():
+  """The forward against a float64 loop; the gradients through the adjoint identity
+  <conv(x, w), c> = <x, dx(c)> = <w, dw(c)> (both sides linear in one argument)."""
+  x, w, cot = _normal(3, (2, 9, 6, 3)), _normal(4, (3, 3, 3, 5)), _normal(5, (2, 9, 6, 5))
+  y, dx, dw = jax.jit(functools.partial(_fwd_and_grads, conv.winograd_conv))(x, w, cot)
+  assert _rel_err(y, _numpy_conv_same(x, w)) <= RTOL
+  inner = float(np.sum(_numpy_conv_same(x, w) * np.asarray(cot, np.float64)))
+  for g, a in ((dx, x), (dw, w)):
+    got = float(np.sum(np.asarray(g, np.float64) * np.asarray(a, np.float64)))
+    assert abs(got - inner) <= RTOL * np.sum(np.abs(_numpy_conv_same(x, w) * cot)), (got, inner)
+
+
+@needs_onednn
+@pytest.mark.parametrize('batch', [8, 6])
+def test_winograd_under_a_data_mesh_matches_lax(batch):
+  """8 devices: batch 8 runs one row per device and psums the weight gradient (a missing or
+  doubled reduction is off by a factor); batch 6 does not divide and runs unsplit."""
+  mesh = sharding.make_mesh(8)
+  rows = sharding.batch_sharding(mesh) if batch % 8 == 0 else sharding.replicated(mesh)
+  x = jax.device_put(_normal(0, (batch, 6, 5, 3)), rows)
+  w = _normal(1, (3, 3, 3, 4))
+  cot = jax.device_put(_normal(2, (batch, 6, 5, 4)), rows)
+  got = sharding.under_mesh(
+      mesh, jax.jit(functools.partial(_fwd_and_grads, conv.winograd_conv)))(x, w, cot)
+  want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, SAME)))(x, w, cot)
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert _rel_err(g, r) <= RTOL, (name, batch, _rel_err(g, r))
+
+
+def test_winograd_conv_rejects_what_it_does_not_compute():
+  with pytest.raises(ValueError, match='winograd_conv takes float32'):
+    conv.winograd_conv(jnp.zeros((1, 4, 4, 2), jnp.bfloat16), jnp.zeros((3, 3, 2, 2), jnp.bfloat16))
+  with pytest.raises(ValueError, match=r'\(3, 3, Ci, Co\) kernel'):
+    conv.winograd_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 1, 2, 2)))
+
+
+# The paper model's 3x3 convs at batch 8 (x shape, w shape) -> what 'auto' picks: the three
+# middle levels (>= 128 channels, >= 128 tiles), not the 128x128 level (64 channels) nor the
+# 8x8 bottleneck (8 * 2 * 2 = 32 tiles).
+PAPER_LEVELS = {
+    'level0_128px_64ch': ((8, 128, 128, 64), (3, 3, 64, 64), False),
+    'level1_64px_128ch': ((8, 64, 64, 128), (3, 3, 128, 128), True),
+    'level1_first_64to128': ((8, 64, 64, 64), (3, 3, 64, 128), False),
+    'level2_32px_256ch': ((8, 32, 32, 256), (3, 3, 256, 256), True),
+    'level3_16px_512ch': ((8, 16, 16, 512), (3, 3, 512, 512), True),
+    'bottleneck_8px_1024ch': ((8, 8, 8, 1024), (3, 3, 1024, 1024), False),
+}
+
+
+@pytest.mark.parametrize('x_shape,w_shape,want', PAPER_LEVELS.values(), ids=PAPER_LEVELS.keys())
+def test_auto_rule_on_the_paper_model(x_shape, w_shape, want):
+  assert conv.use_winograd(x_shape, w_shape, jnp.float32, SAME) is want
+
+
+def test_rule_modes_and_what_never_qualifies(monkeypatch):
+  big = ((8, 32, 32, 256), (3, 3, 256, 256))
+  assert conv.use_winograd(*big, jnp.float32, SAME)
+  # fewer tiles per device under a mesh: 1 row of 32x32 = 64 tiles < 128
+  assert not conv.use_winograd(*big, jnp.float32, SAME, local_batch=1)
+  assert not conv.use_winograd(*big, jnp.bfloat16, SAME)
+  assert not conv.use_winograd(big[0], (3, 3, 256, 256), jnp.float32, (0, 0, 0, 0))
+  assert not conv.use_winograd(big[0], (1, 1, 256, 256), jnp.float32, (0, 0, 0, 0))
+  assert not conv.use_winograd(big[0], (2, 2, 256, 256), jnp.float32, (1, 0, 1, 0))
+  small = ((1, 4, 4, 2), (3, 3, 2, 3))
+  assert not conv.use_winograd(*small, jnp.float32, SAME)
+  monkeypatch.setenv(conv.ENV_WINOGRAD, 'all')
+  assert conv.use_winograd(*small, jnp.float32, SAME)
+  assert not conv.use_winograd(*small, jnp.bfloat16, SAME)
+  monkeypatch.setenv(conv.ENV_WINOGRAD, 'off')
+  assert not conv.use_winograd(*big, jnp.float32, SAME)
+  monkeypatch.setenv(conv.ENV_WINOGRAD, 'fast')
+  with pytest.raises(ValueError, match='TVUNET_WINOGRAD must be one of'):
+    conv.use_winograd(*big, jnp.float32, SAME)
+
+
+@needs_onednn
+def test_drop_in_routes_by_the_rule(monkeypatch):
+  """conv_general_dilated('onednn') calls the Winograd kernels exactly where `use_winograd` says
+  (checked on the lowered program: shapes only, nothing large runs), with the same numbers."""
+  drop_in = conv.conv_general_dilated('onednn')
+  # A new function per mode: jit caches traces per function, and the mode is read when tracing.
+  fn = lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC)
+  big = (jax.ShapeDtypeStruct((8, 32, 32, 128), jnp.float32),
+         jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32))
+  text = jax.jit(fn).lower(*big).as_text()
+  assert WINOGRAD + 'conv' in text and 'tvunet_onednn_conv_fwd' not in text
+  small = (_normal(0, (2, 6, 6, 4)), _normal(1, (3, 3, 4, 5)))
+  assert WINOGRAD not in jax.jit(fn).lower(*small).as_text()
+  monkeypatch.setenv(conv.ENV_WINOGRAD, 'all')
+  fn_all = lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC)
+  assert WINOGRAD + 'conv' in jax.jit(fn_all).lower(*small).as_text()
+  assert _rel_err(jax.jit(fn_all)(*small), _ref_conv(*small, SAME)) <= RTOL
+  monkeypatch.setenv(conv.ENV_WINOGRAD, 'off')
+  fn_off = lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC)
+  assert WINOGRAD not in jax.jit(fn_off).lower(*big).as_text()
+
+
+@needs_onednn
+def test_unet_with_winograd_equals_xla(monkeypatch, tiny_variables):
+  """Every 3x3 conv of the tiny U-Net on Winograd (TVUNET_WINOGRAD=all): eval outputs and the
+  gradients of a loss agree with XLA's within the transforms' rounding."""
+  monkeypatch.setenv(conv.ENV_WINOGRAD, 'all')
+  x, target = _normal(0, (2, 16, 16, 1)), _normal(1, (2, 16, 16, 1))
+  variables = tiny_variables['onednn']
+
+  def run(model):
+    logits = model.apply(variables, x, train=False)
+
+    def loss(params):
+      out, _ = model.apply({**variables, 'params': params}, x, train=True,
+                           mutable=['batch_stats'])
+      return jnp.mean((out - target)**2)
+
+    return logits, jax.grad(loss)(variables['params'])
+
+  lowered = {b: jax.jit(functools.partial(run, _tiny_unet(b, dropout=0.0))).lower()
+             for b in ('onednn', 'xla')}
+  assert WINOGRAD + 'conv' in lowered['onednn'].as_text()
+  assert WINOGRAD + 'wgrad' in lowered['onednn'].as_text()
+  got, want = (lowered[b].compile()() for b in ('onednn', 'xla'))
+  assert _rel_err(got[0], want[0]) <= 2e-4, _rel_err(got[0], want[0])
+  _assert_trees_close(got[1], want[1], 2e-4, 'grads')
+
+
+@pytest.fixture(scope='module')
+def tiny_variables():
+  """The tiny U-Net's variables (one jitted init on an 'rbg' key, as in test_kernels)."""
+  model = _tiny_unet('xla')
+  return {'onednn': jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0, impl='rbg'), jnp.zeros((1, 16, 16, 1)))}
+
+
+@needs_onednn
+def test_handlers_reject_inconsistent_shapes_with_one_line_error():
+  x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+  with pytest.raises(Exception, match=r'winograd conv: inconsistent shapes x\(1,6,6,2\)'):
+    jax.block_until_ready(jax.jit(lambda a, b: conv._winograd_call(
+        conv.WINOGRAD_TARGETS[0], (1, 5, 6, 4), a, b, transposed=np.int64(0)))(x, w))
+  with pytest.raises(Exception, match=r'winograd weight grad: inconsistent shapes'):
+    jax.block_until_ready(jax.jit(lambda a, b: conv._winograd_call(
+        conv.WINOGRAD_TARGETS[1], (3, 3, 2, 5), a, b))(x, jnp.ones((1, 6, 6, 4))))
