@@ -29,11 +29,12 @@ each as the median of repeated timed runs after warm-up, every run synchronised
     `onednn_ynn`: oneDNN's direct convolutions plus the Winograd F(4x4, 3x3) kernels where
     `conv.use_winograd` picks them; they fall back to XLA, and say so in `conv_backend`, where the
     library is not built), and `onednn_direct`, oneDNN's direct convolutions alone
-    (TVUNET_WINOGRAD=off: the before of the Winograd kernels). XLA reads its flags once, when the backend starts, so each variant runs in a child
-    process of this command (which itself only writes the phantom data and times the input
-    pipeline);
+    (TVUNET_WINOGRAD=off: the before of the Winograd kernels). XLA reads its flags once, when the
+    backend starts, so each variant runs in a child process of this command (which itself only
+    writes the phantom data and times the input pipeline);
   * the per-layer table of the paper model's convolutions (forward, input gradient, weight
-    gradient at batch 8) for the variant's backend and for PyTorch, with oneDNN's kernel names;
+    gradient at batch 8) for the variant's backend (on oneDNN: its direct kernels, not the
+    Winograd ones) and for PyTorch, with oneDNN's kernel names;
     and inference of the PyTorch peer's network on as many random 128x128 slices, in the same
     batches, timed alternately with JAX's network (`network_reps` pairs; the ratio is the median
     of the pairs' ratios; JAX's network time includes its host-device copies).
@@ -41,8 +42,10 @@ each as the median of repeated timed runs after warm-up, every run synchronised
 `--quick` (CI smoke test, about 1 minute on 2 idle cores): demo model, batch 4, 1 warm-up + 3
 timed steps, default XLA flags (plus the oneDNN kernels where built), a 128x128x4 volume. The full
 run (paper + demo, batch 8 and 16, 1 warm-up + 5 timed steps, five variants, a 512x512x100 volume)
-takes about an hour on 2 cores; `--batches 8` about half; the JSON records the duration. On a machine shared with other work, check `uptime` first: under
-load PyTorch's OpenMP threads slow down far more than XLA's (10x was seen), which flatters JAX.
+takes over an hour on 2 cores; `--batches 8 --variants default,onednn_direct,onednn` about 25
+minutes; the JSON records the duration. On a machine shared with other work, check `uptime` first:
+under load PyTorch's OpenMP threads slow down far more than XLA's (10x was seen), which flatters
+JAX.
 
 Loss in both frameworks: mean BCE + tv_weight * anisotropic TV ('mean' reduction) of the sigmoid,
 tv_weight from the model's config, no Dice term (the PyTorch peer has none). Timings mean nothing
@@ -116,7 +119,7 @@ CONV_BACKENDS = {"default": "xla", "ynn": "xla", "onednn": "onednn", "onednn_ynn
                  "onednn_direct": "onednn"}
 # TVUNET_WINOGRAD of the child where a variant sets it (others inherit the caller's, default
 # 'auto'): 'onednn_direct' is the oneDNN backend before the Winograd kernels, for A/B runs.
-WINOGRAD_MODES = {"onednn_direct": "off"}
+VARIANT_WINOGRAD = {"onednn_direct": "off"}
 # The per-layer conv table is measured where each backend is at its best (it takes minutes).
 CONV_OPS_VARIANTS = ("ynn", "onednn")
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
@@ -848,8 +851,8 @@ def spawn_variant(name: str, plan: Plan, workdir: str, timeout_s: float = 4 * 36
   env = dict(os.environ)
   env["XLA_FLAGS"] = _child_xla_flags(name)
   env[conv.ENV_BACKEND] = CONV_BACKENDS[name]
-  if name in WINOGRAD_MODES:
-    env[conv.ENV_WINOGRAD] = WINOGRAD_MODES[name]
+  if name in VARIANT_WINOGRAD:
+    env[conv.ENV_WINOGRAD] = VARIANT_WINOGRAD[name]
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
@@ -1045,8 +1048,7 @@ def to_markdown(results: Mapping[str, Any]) -> str:
         f"| {_pct(r.get('jax_mfu_model'))} / {_pct(r.get('torch_mfu_model'))} "
         f"| {_pct(r.get('jax_tv_share'))} / {_pct(r.get('torch_tv_share'))} "
         f"| {_pct(r.get('foreign_cpu_share'))} |")
-  if any(r.get("winograd") not in (None, "off") and r.get("conv_backend") == "onednn"
-         for r in results["records"]):
+  if any("winograd" in _convs(r) for r in results["records"]):
     lines += ["", "MFU (model) counts the direct convolution's FLOPs for every framework; where "
               "the Winograd kernels run (convs 'onednn + winograd') they do fewer "
               "multiplications, so there it measures throughput, not the hardware's "

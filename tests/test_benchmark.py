@@ -155,8 +155,6 @@ def test_plan_quick_and_bad_names():
   assert full.models == ["paper", "demo"] and full.batches == [8, 16] and full.steps >= 5
   assert full.variants == ["default", "ynn", "onednn", "onednn_ynn", "onednn_direct"]
   assert full.volume_size == 512
-  # onednn_direct is the oneDNN backend with the Winograd kernels off (the A/B's before)
-  assert benchmark.WINOGRAD_MODES == {"onednn_direct": "off"}
   assert full.volume_slices == 100 and full.conv_ops  # issue 8: a 100-slice volume
   assert {benchmark.CONV_BACKENDS[v] for v in full.variants} == {"xla", "onednn"}
   with pytest.raises(ValueError, match=r"unknown models \['resnet'\]"):

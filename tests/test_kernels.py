@@ -877,3 +877,22 @@ def test_conv_transpose_falls_back_to_lax(kwargs):
   assert not _uses_onednn(mine, x, w, op='deconv')
   xla = lambda a, b: lax.conv_transpose(a, b, dimension_numbers=NHWC, **kwargs)
   np.testing.assert_array_equal(jax.jit(mine)(x, w), jax.jit(xla)(x, w))
+
+
+def test_cpu_flags_parse_proc_cpuinfo():
+  text = 'processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nbogomips\t: 4000\n'
+  assert conv.cpu_flags(text) == {'fpu', 'sse2', 'avx', 'avx2', 'fma'}
+  assert conv.cpu_flags('processor\t: 0\n') is None
+
+
+@needs_onednn
+def test_library_built_for_another_cpu_is_refused():
+  """The library is compiled with -march=native: it names the extensions it may use, and a CPU
+  lacking one is detected before any handler runs (else: SIGILL). This machine has them all."""
+  lib = conv.load()
+  assert conv._missing_isa(lib) == []  # pylint: disable=protected-access
+  built = lib.tvunet_build_isa().decode().split()
+  if not built:
+    pytest.skip('built for a CPU without the extensions the check lists')
+  assert conv._missing_isa(lib, flags={'sse2'}) == built  # pylint: disable=protected-access
+  assert conv._missing_isa(lib, flags=set(built)) == []  # pylint: disable=protected-access

@@ -51,6 +51,9 @@ CASES = {  # (x shape, Co)
     'tall_narrow_batch3': ((3, 17, 4, 8), 16),
     'channels_across_blocks': ((2, 8, 8, 130), 129),
     'one_input_channel': ((1, 6, 7, 1), 64),
+    # 128 tiles and 128 channels: the weight gradient sums 128 tiles per coefficient, as a real
+    # layer does (the rounding grows with the sum's length)
+    'many_tiles_128ch': ((2, 32, 32, 128), 128),
 }
 
 
@@ -177,12 +180,27 @@ def test_drop_in_routes_by_the_rule(monkeypatch):
 
 
 @needs_onednn
+def test_drop_in_counts_tiles_per_device_under_a_mesh():
+  """8x32x32x128 has 512 tiles: Winograd on one device; split over an 8-device data mesh each
+  device holds 64 tiles (< 128), so the drop-in keeps the direct kernels there."""
+  drop_in = conv.conv_general_dilated('onednn')
+  fn = jax.jit(lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC))
+  mesh = sharding.make_mesh(8)
+  x = jax.ShapeDtypeStruct((8, 32, 32, 128), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  w = jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32, sharding=sharding.replicated(mesh))
+  assert WINOGRAD + 'conv' in fn.lower(x, w).as_text()
+  on_mesh = jax.jit(lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC))
+  text = sharding.under_mesh(mesh, on_mesh.lower)(x, w).as_text()
+  assert WINOGRAD not in text and 'tvunet_onednn_conv_fwd' in text
+
+
+@needs_onednn
 def test_unet_with_winograd_equals_xla(monkeypatch, tiny_variables):
   """Every 3x3 conv of the tiny U-Net on Winograd (TVUNET_WINOGRAD=all): eval outputs and the
   gradients of a loss agree with XLA's within the transforms' rounding."""
   monkeypatch.setenv(conv.ENV_WINOGRAD, 'all')
   x, target = _normal(0, (2, 16, 16, 1)), _normal(1, (2, 16, 16, 1))
-  variables = tiny_variables['onednn']
+  variables = tiny_variables
 
   def run(model):
     logits = model.apply(variables, x, train=False)
@@ -205,18 +223,19 @@ def test_unet_with_winograd_equals_xla(monkeypatch, tiny_variables):
 
 @pytest.fixture(scope='module')
 def tiny_variables():
-  """The tiny U-Net's variables (one jitted init on an 'rbg' key, as in test_kernels)."""
+  """The tiny U-Net's variables (one jitted init on an 'rbg' key, as in test_kernels; the
+  parameters do not depend on the backend)."""
   model = _tiny_unet('xla')
-  return {'onednn': jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0, impl='rbg'), jnp.zeros((1, 16, 16, 1)))}
+  return jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0, impl='rbg'), jnp.zeros((1, 16, 16, 1)))
 
 
 @needs_onednn
 def test_handlers_reject_inconsistent_shapes_with_one_line_error():
   x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
   with pytest.raises(Exception, match=r'winograd conv: inconsistent shapes x\(1,6,6,2\)'):
-    jax.block_until_ready(jax.jit(lambda a, b: conv._winograd_call(
-        conv.WINOGRAD_TARGETS[0], (1, 5, 6, 4), a, b, transposed=np.int64(0)))(x, w))
+    jax.block_until_ready(jax.jit(lambda a, b: conv._ffi(
+        conv.WINOGRAD_TARGETS[0], a, b, (1, 5, 6, 4), jnp.float32, transposed=np.int64(0)))(x, w))
   with pytest.raises(Exception, match=r'winograd weight grad: inconsistent shapes'):
-    jax.block_until_ready(jax.jit(lambda a, b: conv._winograd_call(
-        conv.WINOGRAD_TARGETS[1], (3, 3, 2, 5), a, b))(x, jnp.ones((1, 6, 6, 4))))
+    jax.block_until_ready(jax.jit(lambda a, b: conv._ffi(
+        conv.WINOGRAD_TARGETS[1], a, b, (3, 3, 2, 5), jnp.float32))(x, jnp.ones((1, 6, 6, 4))))

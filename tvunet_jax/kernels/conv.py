@@ -23,6 +23,13 @@ owns that choice and the JAX side of the kernels:
   output 2x2 block instead of 16, and no depth-to-space).
 * `onednn_conv(x, w, pads)`: the kernels under a `jax.custom_vjp` (forward, input gradient, weight
   gradient, each one oneDNN primitive); `onednn_conv_transpose(x, w, stride, pads)` likewise.
+* `winograd_conv(x, w)`: a 3x3 'SAME' float32 convolution by Winograd's F(4x4, 3x3) algorithm
+  (`winograd.cc`: 36 products per 4x4 output tile instead of 144, in the forward pass and both
+  gradients). On 'onednn' the drop-in runs the convolutions `use_winograd` picks this way, those
+  where it measured faster than oneDNN's direct kernel; the environment variable TVUNET_WINOGRAD
+  (auto / off / all) changes the choice and, like TVUNET_CONV_BACKEND, is read when a function is
+  traced. Its results differ from the direct convolution's by float32 rounding (about 1e-5
+  relative instead of 1e-6, tests/test_winograd.py).
   bfloat16 runs natively where oneDNN has bf16 kernels (AVX-512 and AMX); elsewhere (AVX2) both
   compute it in float32 and round, since oneDNN 3.2 has no bf16 convolution there.
 * Sharding. A custom call is opaque to XLA's SPMD partitioner, which would gather the whole batch
@@ -75,6 +82,29 @@ def library_path() -> str:
   return os.environ.get(ENV_LIBRARY) or _build.LIBRARY
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
+  """This CPU's feature flags from /proc/cpuinfo (or the given text); None where unreadable."""
+  if cpuinfo is None:
+    try:
+      with open('/proc/cpuinfo') as f:
+        cpuinfo = f.read()
+    except OSError:
+      return None
+  for line in cpuinfo.splitlines():
+    if line.startswith('flags'):
+      return set(line.split(':', 1)[1].split())
+  return None
+
+
+def _missing_isa(lib: ctypes.CDLL, flags: set[str] | None = None) -> list[str]:
+  """The extensions the library was compiled for (`-march=native` on the machine that built it)
+  that this CPU lacks; [] when none are, or when the CPU's flags cannot be read."""
+  lib.tvunet_build_isa.restype = ctypes.c_char_p
+  built = lib.tvunet_build_isa().decode().split()
+  flags = cpu_flags() if flags is None else flags
+  return [] if flags is None else [f for f in built if f not in flags]
+
+
 def load() -> ctypes.CDLL | None:
   """Loads the kernel library and registers its FFI targets once; None if it is unavailable."""
   if 'lib' not in _state:
@@ -85,12 +115,15 @@ def load() -> ctypes.CDLL | None:
     else:
       try:
         lib = ctypes.CDLL(path)
+        missing = _missing_isa(lib)
+        if missing:
+          raise OSError(f'it was built for a CPU with {", ".join(missing)}, which this one lacks')
         for name in (*TARGETS.values(), *WINOGRAD_TARGETS):
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
         lib.tvunet_onednn_impl.argtypes = (
             [ctypes.c_int] * 2 + [ctypes.c_int64] * 12 + [ctypes.c_char_p, ctypes.c_int])
-      except (OSError, AttributeError) as e:  # libdnnl.so.3 moved, or a library older than
-        # this source (a missing handler symbol)
+      except (OSError, AttributeError) as e:  # libdnnl.so.3 moved, a library older than
+        # this source (a missing handler symbol), or one built on a CPU with more extensions
         _state['why'], lib = (f'{path} does not load ({e}); rebuild it: '
                               'python -m tvunet_jax.kernels.build'), None
     _state['lib'] = lib
@@ -168,18 +201,24 @@ def resolve(backend: str) -> str:
 
 # --- the kernels ---------------------------------------------------------------------------------
 
-def _call(op: int, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], out_dtype: Any,
-          pads: tuple[int, int, int, int], stride: int | None = None) -> jax.Array:
+def _ffi(target: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], out_dtype: Any,
+         **attrs: Any) -> jax.Array:
+  """One custom call of the library on (a, b)."""
   if load() is None:
     raise RuntimeError(f'oneDNN convolutions unavailable: {_state["why"]}')
+  # vmap runs the kernel once per mapped element (it takes rank-4 operands only).
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, out_dtype),
+                          vmap_method='sequential')(a, b, **attrs)
+
+
+def _call(op: int, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...], out_dtype: Any,
+          pads: tuple[int, int, int, int], stride: int | None = None) -> jax.Array:
   top, bottom, left, right = pads
   attrs = dict(top=np.int64(top), bottom=np.int64(bottom), left=np.int64(left),
                right=np.int64(right))
   if stride is not None:  # the transposed convolution's targets (ops 3-5) take a stride
     attrs['stride'] = np.int64(stride)
-  # vmap runs the kernel once per mapped element (it takes rank-4 operands only).
-  return jax.ffi.ffi_call(TARGETS[op], jax.ShapeDtypeStruct(out_shape, out_dtype),
-                          vmap_method='sequential')(a, b, **attrs)
+  return _ffi(TARGETS[op], a, b, out_shape, out_dtype, **attrs)
 
 
 def _data_mesh(batch: int) -> Any:
@@ -239,7 +278,7 @@ class _Kernels(NamedTuple):
   bwd_weights: Callable[[jax.Array, jax.Array], jax.Array]  # (x, dy) -> dw, float32
 
 
-@functools.cache
+@functools.cache  # the same object per shape: custom_vjp's trace cache then hits across layers
 def _direct(x_hw: tuple[int, int], w_shape: tuple[int, ...], pads: tuple[int, int, int, int],
             stride: int | None) -> _Kernels:
   """oneDNN's direct convolution (stride None) or transposed convolution (int stride)."""
@@ -333,21 +372,13 @@ def onednn_conv_transpose(x: jax.Array, w: jax.Array, stride: int,
 
 # --- Winograd F(4x4, 3x3) (winograd.cc) ----------------------------------------------------------
 
-def _winograd_call(target: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array,
-                   **attrs: Any) -> jax.Array:
-  if load() is None:
-    raise RuntimeError(f'oneDNN convolutions unavailable: {_state["why"]}')
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                          vmap_method='sequential')(a, b, **attrs)
-
-
 _WINOGRAD = _Kernels(
-    fwd=lambda x, w: _winograd_call(WINOGRAD_TARGETS[0], (*x.shape[:3], w.shape[3]), x, w,
-                                    transposed=np.int64(0)),
-    bwd_data=lambda dy, w: _winograd_call(WINOGRAD_TARGETS[0], (*dy.shape[:3], w.shape[2]), dy,
-                                          w, transposed=np.int64(1)),
-    bwd_weights=lambda x, dy: _winograd_call(WINOGRAD_TARGETS[1], (3, 3, x.shape[3], dy.shape[3]),
-                                             x, dy))
+    fwd=lambda x, w: _ffi(WINOGRAD_TARGETS[0], x, w, (*x.shape[:3], w.shape[3]), jnp.float32,
+                          transposed=np.int64(0)),
+    bwd_data=lambda dy, w: _ffi(WINOGRAD_TARGETS[0], dy, w, (*dy.shape[:3], w.shape[2]),
+                                jnp.float32, transposed=np.int64(1)),
+    bwd_weights=lambda x, dy: _ffi(WINOGRAD_TARGETS[1], x, dy, (3, 3, x.shape[3], dy.shape[3]),
+                                   jnp.float32))
 
 
 def winograd_conv(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -384,15 +415,17 @@ def use_winograd(x_shape: Sequence[int], w_shape: Sequence[int], dtype: Any,
                  pads: Sequence[int], local_batch: int | None = None) -> bool:
   """Whether the oneDNN backend runs this convolution by `winograd_conv`.
 
-  Only 3x3, pad-1, float32 convolutions qualify (bfloat16 keeps the direct kernels: the point of
-  bf16 is AMX/AVX-512 bf16 arithmetic, which the float32 transforms would not use). Under
-  $TVUNET_WINOGRAD 'all' every one that qualifies does; 'off' none; 'auto' those where it measured
-  faster than oneDNN's direct kernel, forward and backward (experiments/README.md): at least 128
-  channels in and out, so that the 36 GEMMs run near peak and the transforms' memory traffic is
-  small next to them, and at least 128 tiles of 4x4 per device, so that the per-call weight
-  transform is small next to the GEMMs. For the paper model at batch 8 that is the 64x64, 32x32
-  and 16x16 levels; the 128x128 level (64 channels) and the 8x8 bottleneck (32 tiles) stay
-  direct.
+  Only 3x3, pad-1, float32 convolutions qualify: bfloat16 keeps oneDNN's direct kernels, which
+  use bf16 arithmetic where the CPU has it (AVX-512 bf16, AMX), and the F(4x4, 3x3) transforms'
+  coefficients (up to 8 in A^T, 5 in B^T) would cost bf16 too many bits. Under $TVUNET_WINOGRAD
+  'all' every qualifying convolution runs Winograd, under 'off' none; under 'auto' (the default)
+  those with at least 128 channels in and out, so that the 36 GEMMs run near peak and the
+  transforms' memory traffic is small next to them, and at least 128 4x4 tiles per device, so that
+  the per-call weight transform is small next to the GEMMs (per-layer and whole-step measurements
+  in experiments/README.md). For the paper model at batch 8 on one device that is the second
+  conv of the 64x64 level, both convs of the 32x32 and 16x16 levels and the matching up-block
+  convs (the skip pair's halves); the 128x128 level (64 channels), the first 64 -> 128 conv and
+  the 8x8 bottleneck (32 tiles) stay direct. Split over devices, fewer tiles per device qualify.
 
   Args:
     x_shape: (N, H, W, Ci); w_shape: (KH, KW, Ci, Co); dtype: the activations' dtype.

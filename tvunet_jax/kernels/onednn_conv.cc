@@ -377,6 +377,51 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(tvunet_onednn_deconv_bwd_weights, DeconvHandler<kD
 
 extern "C" {
 
+// The instruction-set extensions the compiler was allowed to use (the build is -march=native),
+// as /proc/cpuinfo names them, space-separated. conv.py reads it before registering any handler
+// and refuses a library built for a CPU with more extensions than this one (which would die of
+// SIGILL instead of falling back to XLA with a message). Plain string: no vector code runs.
+const char* tvunet_build_isa() {
+  return ""
+#ifdef __AVX__
+         " avx"
+#endif
+#ifdef __AVX2__
+         " avx2"
+#endif
+#ifdef __FMA__
+         " fma"
+#endif
+#ifdef __F16C__
+         " f16c"
+#endif
+#ifdef __BMI2__
+         " bmi2"
+#endif
+#ifdef __AVX512F__
+         " avx512f"
+#endif
+#ifdef __AVX512BW__
+         " avx512bw"
+#endif
+#ifdef __AVX512DQ__
+         " avx512dq"
+#endif
+#ifdef __AVX512VL__
+         " avx512vl"
+#endif
+#ifdef __AVX512VNNI__
+         " avx512_vnni"
+#endif
+#ifdef __AVX512BF16__
+         " avx512_bf16"
+#endif
+#ifdef __AMX_TILE__
+         " amx_tile"
+#endif
+      ;
+}
+
 // oneDNN's version as "major.minor.patch".
 int tvunet_onednn_version(char* out, int len) {
   const auto* v = dnnl::version();

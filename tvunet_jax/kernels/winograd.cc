@@ -1,9 +1,10 @@
 // Winograd F(4x4, 3x3) convolutions for XLA:CPU, called from jax.jit through the XLA FFI.
 //
 // Owns two custom-call handlers for the U-Net's 3x3 'SAME' (pad 1), stride-1 float32 convolutions:
-//   tvunet_winograd_conv   transposed=0: y  = conv(x, w)    x (N,H,W,Ci), w (3,3,Ci,Co) -> (N,H,W,Co)
-//                          transposed=1: dx = conv^T(dy, w) dy (N,H,W,Co), w -> (N,H,W,Ci)
-//   tvunet_winograd_wgrad  dw = x (*) dy                    x, dy -> (3,3,Ci,Co)
+//   tvunet_winograd_conv   transposed=0: y = conv(x, w)      x (N,H,W,Ci), w (3,3,Ci,Co) -> y
+//                                                           (N,H,W,Co)
+//                          transposed=1: dx = conv^T(dy, w) dy (N,H,W,Co), w -> dx (N,H,W,Ci)
+//   tvunet_winograd_wgrad  dw = x (*) dy                    x, dy -> dw (3,3,Ci,Co)
 // i.e. lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 // and its two gradients.
 //
@@ -21,7 +22,7 @@
 // axes swapped (done inside the weight transform and the GEMM's transpose flag), and the weight
 // gradient is dU[p] = V[p]^T dM[p] with dM = A dY A^T, dw = G^T dU G. The sums are reassociated,
 // so results differ from the direct convolution by float32 rounding amplified by the transforms'
-// coefficients (relative error about 1e-5 instead of 1e-6; tests/test_kernels.py pins it). The
+// coefficients (relative error about 1e-5 instead of 1e-6; tests/test_winograd.py pins it). The
 // Python side (conv.py) decides which layers use it: where the GEMMs are large enough to run
 // near peak and the transforms' memory traffic is small next to them.
 //
@@ -51,51 +52,45 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// F(m x m, 3 x 3): B^T (a x a), G (a x 3), A^T (m x a) with a = m + 2 (Lavin & Gray, F(4x4, 3x3)).
-template <int m> struct Mats;
-template <> struct Mats<4> {
-  static constexpr int a = 6;
-  static constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0},
-                                     {0, 4, -4, -1, 1, 0}, {0, -2, -1, 2, 1, 0},
-                                     {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
-  static constexpr float G[6][3] = {{1.f / 4, 0, 0},
-                                    {-1.f / 6, -1.f / 6, -1.f / 6},
-                                    {-1.f / 6, 1.f / 6, -1.f / 6},
-                                    {1.f / 24, 1.f / 12, 1.f / 6},
-                                    {1.f / 24, -1.f / 12, 1.f / 6},
-                                    {0, 0, 1}};
-  static constexpr float AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0},
-                                     {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
-};
+// F(4x4, 3x3) (Lavin & Gray, section 4.2): B^T (6x6), G (6x3), A^T (4x6); kM output pixels per
+// tile side from kA = kM + 2 input pixels.
+constexpr int kM = 4, kA = 6;
+constexpr float kBT[kA][kA] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                               {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+constexpr float kG[kA][3] = {{1.f / 4, 0, 0},
+                             {-1.f / 6, -1.f / 6, -1.f / 6},
+                             {-1.f / 6, 1.f / 6, -1.f / 6},
+                             {1.f / 24, 1.f / 12, 1.f / 6},
+                             {1.f / 24, -1.f / 12, 1.f / 6},
+                             {0, 0, 1}};
+constexpr float kAT[kM][kA] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0},
+                               {0, 1, -1, 8, -8, 1}};
 
 constexpr int kCB = 64;  // channels per vector block
 
 struct Tiles {
   int64_t n, h, w, th, tw, t;
 };
-template <int m>
 Tiles MakeTiles(int64_t n, int64_t h, int64_t w) {
-  Tiles g{n, h, w, (h + m - 1) / m, (w + m - 1) / m, 0};
+  Tiles g{n, h, w, (h + kM - 1) / kM, (w + kM - 1) / kM, 0};
   g.t = n * g.th * g.tw;
   return g;
 }
 
-// x (N,H,W,C) -> V (a*a, T, C): V[i*a+j][t] = (BT d BT^T)[i][j], d the a x a patch at (ty*m-1, tx*m-1).
-template <int m>
+// x (N,H,W,C) -> V (36, T, C): V[i*6+j][t] = (B^T d B)[i][j], d the 6x6 patch at
+// (4 ty - 1, 4 tx - 1), zero outside the image.
 void InputTransform(const float* x, const Tiles& g, int64_t c, float* v) {
-  using M = Mats<m>;
-  constexpr int a = M::a;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < g.t; ++t) {
     const int64_t n = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
-    alignas(64) float d[a][a][kCB];
-    alignas(64) float s[a][a][kCB];
+    alignas(64) float d[kA][kA][kCB];
+    alignas(64) float s[kA][kA][kCB];
     for (int64_t c0 = 0; c0 < c; c0 += kCB) {
       const int cb = static_cast<int>(std::min<int64_t>(kCB, c - c0));
-      for (int i = 0; i < a; ++i) {
-        const int64_t r = ty * m - 1 + i;
-        for (int j = 0; j < a; ++j) {
-          const int64_t col = tx * m - 1 + j;
+      for (int i = 0; i < kA; ++i) {
+        const int64_t r = ty * kM - 1 + i;
+        for (int j = 0; j < kA; ++j) {
+          const int64_t col = tx * kM - 1 + j;
           if (r < 0 || r >= g.h || col < 0 || col >= g.w) {
             std::memset(d[i][j], 0, sizeof(float) * cb);
           } else {
@@ -104,27 +99,27 @@ void InputTransform(const float* x, const Tiles& g, int64_t c, float* v) {
         }
       }
 #pragma GCC unroll 8
-      for (int i = 0; i < a; ++i)
+      for (int i = 0; i < kA; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < a; ++j) {
+        for (int j = 0; j < kA; ++j) {
           float* out = s[i][j];
           for (int q = 0; q < cb; ++q) out[q] = 0.f;
 #pragma GCC unroll 8
-          for (int k = 0; k < a; ++k) {
-            const float f = M::BT[i][k];
+          for (int k = 0; k < kA; ++k) {
+            const float f = kBT[i][k];
             if (f == 0.f) continue;
             for (int q = 0; q < cb; ++q) out[q] += f * d[k][j][q];
           }
         }
 #pragma GCC unroll 8
-      for (int i = 0; i < a; ++i)
+      for (int i = 0; i < kA; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < a; ++j) {
-          float* out = v + ((i * a + j) * g.t + t) * c + c0;
+        for (int j = 0; j < kA; ++j) {
+          float* out = v + ((i * kA + j) * g.t + t) * c + c0;
           alignas(64) float acc[kCB] = {};
 #pragma GCC unroll 8
-          for (int k = 0; k < a; ++k) {
-            const float f = M::BT[j][k];
+          for (int k = 0; k < kA; ++k) {
+            const float f = kBT[j][k];
             if (f == 0.f) continue;
             for (int q = 0; q < cb; ++q) acc[q] += f * s[i][k][q];
           }
@@ -134,41 +129,38 @@ void InputTransform(const float* x, const Tiles& g, int64_t c, float* v) {
   }
 }
 
-// M (a*a, T, C) -> y (N,H,W,C): y tile = AT Mtile AT^T, cropped to H x W.
-template <int m>
+// M (36, T, C) -> y (N,H,W,C): y tile = AT Mtile AT^T, cropped to H x W.
 void OutputTransform(const float* mm, const Tiles& g, int64_t c, float* y) {
-  using M = Mats<m>;
-  constexpr int a = M::a;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < g.t; ++t) {
     const int64_t n = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
-    alignas(64) float s[m][a][kCB];
+    alignas(64) float s[kM][kA][kCB];
     for (int64_t c0 = 0; c0 < c; c0 += kCB) {
       const int cb = static_cast<int>(std::min<int64_t>(kCB, c - c0));
 #pragma GCC unroll 8
-      for (int i = 0; i < m; ++i)
+      for (int i = 0; i < kM; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < a; ++j) {
+        for (int j = 0; j < kA; ++j) {
           float* out = s[i][j];
           for (int q = 0; q < cb; ++q) out[q] = 0.f;
 #pragma GCC unroll 8
-          for (int k = 0; k < a; ++k) {
-            const float f = M::AT[i][k];
+          for (int k = 0; k < kA; ++k) {
+            const float f = kAT[i][k];
             if (f == 0.f) continue;
-            const float* in = mm + ((k * a + j) * g.t + t) * c + c0;
+            const float* in = mm + ((k * kA + j) * g.t + t) * c + c0;
             for (int q = 0; q < cb; ++q) out[q] += f * in[q];
           }
         }
-      for (int i = 0; i < m; ++i) {
-        const int64_t r = ty * m + i;
+      for (int i = 0; i < kM; ++i) {
+        const int64_t r = ty * kM + i;
         if (r >= g.h) break;
-        for (int j = 0; j < m; ++j) {
-          const int64_t col = tx * m + j;
+        for (int j = 0; j < kM; ++j) {
+          const int64_t col = tx * kM + j;
           if (col >= g.w) break;
           alignas(64) float acc[kCB] = {};
 #pragma GCC unroll 8
-          for (int k = 0; k < a; ++k) {
-            const float f = M::AT[j][k];
+          for (int k = 0; k < kA; ++k) {
+            const float f = kAT[j][k];
             if (f == 0.f) continue;
             for (int q = 0; q < cb; ++q) acc[q] += f * s[i][k][q];
           }
@@ -179,22 +171,19 @@ void OutputTransform(const float* mm, const Tiles& g, int64_t c, float* y) {
   }
 }
 
-// dy (N,H,W,C) -> dM (a*a, T, C): dM tile = AT^T dYtile AT (the transpose of OutputTransform).
-template <int m>
+// dy (N,H,W,C) -> dM (36, T, C): dM tile = AT^T dYtile AT (the transpose of OutputTransform).
 void OutputTransformT(const float* dy, const Tiles& g, int64_t c, float* dm) {
-  using M = Mats<m>;
-  constexpr int a = M::a;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < g.t; ++t) {
     const int64_t n = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
-    alignas(64) float d[m][m][kCB];
-    alignas(64) float s[a][m][kCB];
+    alignas(64) float d[kM][kM][kCB];
+    alignas(64) float s[kA][kM][kCB];
     for (int64_t c0 = 0; c0 < c; c0 += kCB) {
       const int cb = static_cast<int>(std::min<int64_t>(kCB, c - c0));
-      for (int i = 0; i < m; ++i) {
-        const int64_t r = ty * m + i;
-        for (int j = 0; j < m; ++j) {
-          const int64_t col = tx * m + j;
+      for (int i = 0; i < kM; ++i) {
+        const int64_t r = ty * kM + i;
+        for (int j = 0; j < kM; ++j) {
+          const int64_t col = tx * kM + j;
           if (r >= g.h || col >= g.w) {
             std::memset(d[i][j], 0, sizeof(float) * cb);
           } else {
@@ -203,93 +192,87 @@ void OutputTransformT(const float* dy, const Tiles& g, int64_t c, float* dm) {
         }
       }
 #pragma GCC unroll 8
-      for (int i = 0; i < a; ++i)
+      for (int i = 0; i < kA; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < m; ++j) {
+        for (int j = 0; j < kM; ++j) {
           float* out = s[i][j];
           for (int q = 0; q < cb; ++q) out[q] = 0.f;
 #pragma GCC unroll 8
-          for (int k = 0; k < m; ++k) {
-            const float f = M::AT[k][i];
+          for (int k = 0; k < kM; ++k) {
+            const float f = kAT[k][i];
             if (f == 0.f) continue;
             for (int q = 0; q < cb; ++q) out[q] += f * d[k][j][q];
           }
         }
 #pragma GCC unroll 8
-      for (int i = 0; i < a; ++i)
+      for (int i = 0; i < kA; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < a; ++j) {
+        for (int j = 0; j < kA; ++j) {
           alignas(64) float acc[kCB] = {};
 #pragma GCC unroll 8
-          for (int k = 0; k < m; ++k) {
-            const float f = M::AT[k][j];
+          for (int k = 0; k < kM; ++k) {
+            const float f = kAT[k][j];
             if (f == 0.f) continue;
             for (int q = 0; q < cb; ++q) acc[q] += f * s[i][k][q];
           }
-          std::memcpy(dm + ((i * a + j) * g.t + t) * c + c0, acc, sizeof(float) * cb);
+          std::memcpy(dm + ((i * kA + j) * g.t + t) * c + c0, acc, sizeof(float) * cb);
         }
     }
   }
 }
 
-// w (3,3,Ci,Co) -> U (a*a, Ci, Co) = G w G^T; flip: the 180-degree rotated kernel (for dgrad).
-template <int m>
+// w (3,3,Ci,Co) -> U (36, Ci, Co) = G w G^T; flip: the 180-degree rotated kernel (for dgrad).
 void WeightTransform(const float* w, int64_t ci, int64_t co, bool flip, float* u) {
-  using M = Mats<m>;
-  constexpr int a = M::a;
   const int64_t plane = ci * co;
 #pragma omp parallel for schedule(static)
   for (int64_t e0 = 0; e0 < plane; e0 += kCB) {
     const int cb = static_cast<int>(std::min<int64_t>(kCB, plane - e0));
-    alignas(64) float s[a][3][kCB];
-    for (int i = 0; i < a; ++i)
+    alignas(64) float s[kA][3][kCB];
+    for (int i = 0; i < kA; ++i)
       for (int l = 0; l < 3; ++l) {
         for (int q = 0; q < cb; ++q) s[i][l][q] = 0.f;
         for (int k = 0; k < 3; ++k) {
-          const float f = M::G[i][flip ? 2 - k : k];
+          const float f = kG[i][flip ? 2 - k : k];
           if (f == 0.f) continue;
           const float* in = w + (k * 3 + l) * plane + e0;
           for (int q = 0; q < cb; ++q) s[i][l][q] += f * in[q];
         }
       }
-    for (int i = 0; i < a; ++i)
-      for (int j = 0; j < a; ++j) {
+    for (int i = 0; i < kA; ++i)
+      for (int j = 0; j < kA; ++j) {
         alignas(64) float acc[kCB] = {};
         for (int l = 0; l < 3; ++l) {
-          const float f = M::G[j][flip ? 2 - l : l];
+          const float f = kG[j][flip ? 2 - l : l];
           if (f == 0.f) continue;
           for (int q = 0; q < cb; ++q) acc[q] += f * s[i][l][q];
         }
-        std::memcpy(u + (i * a + j) * plane + e0, acc, sizeof(float) * cb);
+        std::memcpy(u + (i * kA + j) * plane + e0, acc, sizeof(float) * cb);
       }
   }
 }
 
-// dU (a*a, Ci, Co) -> dw (3,3,Ci,Co) = G^T dU G.
-template <int m>
+// dU (36, Ci, Co) -> dw (3,3,Ci,Co) = G^T dU G.
 void WeightTransformT(const float* du, int64_t ci, int64_t co, float* dw) {
-  using M = Mats<m>;
-  constexpr int a = M::a;
   const int64_t plane = ci * co;
 #pragma omp parallel for schedule(static)
   for (int64_t e0 = 0; e0 < plane; e0 += kCB) {
     const int cb = static_cast<int>(std::min<int64_t>(kCB, plane - e0));
-    alignas(64) float s[3][a][kCB];
+    alignas(64) float s[3][kA][kCB];
     for (int k = 0; k < 3; ++k)
-      for (int j = 0; j < a; ++j) {
+      for (int j = 0; j < kA; ++j) {
         for (int q = 0; q < cb; ++q) s[k][j][q] = 0.f;
-        for (int i = 0; i < a; ++i) {
-          const float f = M::G[i][k];
+        for (int i = 0; i < kA; ++i) {
+          const float f = kG[i][k];
           if (f == 0.f) continue;
-          const float* in = du + (i * a + j) * plane + e0;
+          const float* in = du + (i * kA + j) * plane + e0;
           for (int q = 0; q < cb; ++q) s[k][j][q] += f * in[q];
         }
       }
     for (int k = 0; k < 3; ++k)
       for (int l = 0; l < 3; ++l) {
         alignas(64) float acc[kCB] = {};
-        for (int j = 0; j < a; ++j) {
-          const float f = M::G[j][l];
+        for (int j = 0; j < kA; ++j) {
+          const float f = kG[j][l];
           if (f == 0.f) continue;
           for (int q = 0; q < cb; ++q) acc[q] += f * s[k][j][q];
         }
@@ -333,44 +316,45 @@ Work& Buffers() {
 
 // y = conv(x, w) (transposed false: x (N,H,W,Ci) -> y (N,H,W,Co)) or dx = conv^T(dy, w)
 // (transposed true: x is dy (N,H,W,Co), y is dx (N,H,W,Ci)); w (3,3,Ci,Co) either way.
-template <int m>
 void Conv(const float* x, const float* w, float* y, int64_t n, int64_t h, int64_t wd, int64_t ci,
           int64_t co, bool transposed) {
-  constexpr int a = Mats<m>::a;
-  const Tiles g = MakeTiles<m>(n, h, wd);
+  const Tiles g = MakeTiles(n, h, wd);
+  if (g.t == 0) return;  // an empty batch: an empty output
   const int64_t cin = transposed ? co : ci, cout = transposed ? ci : co;
   Work& work = Buffers();
-  float* v = work.v.Get(a * a * g.t * cin);
-  float* mm = work.m.Get(a * a * g.t * cout);
-  float* u = work.u.Get(a * a * ci * co);
-  WeightTransform<m>(w, ci, co, transposed, u);
-  InputTransform<m>(x, g, cin, v);
-  for (int p = 0; p < a * a; ++p) {
+  float* v = work.v.Get(kA * kA * g.t * cin);
+  float* mm = work.m.Get(kA * kA * g.t * cout);
+  float* u = work.u.Get(kA * kA * ci * co);
+  WeightTransform(w, ci, co, transposed, u);
+  InputTransform(x, g, cin, v);
+  for (int p = 0; p < kA * kA; ++p) {
     if (!transposed) {  // M (T, Co) = V (T, Ci) @ U (Ci, Co)
       Gemm('N', 'N', g.t, co, ci, v + p * g.t * ci, ci, u + p * ci * co, co, mm + p * g.t * co, co);
     } else {  // dM' (T, Ci) = dYV (T, Co) @ U'^T, U' (Ci, Co) the rotated kernel's transform
       Gemm('N', 'T', g.t, ci, co, v + p * g.t * co, co, u + p * ci * co, co, mm + p * g.t * ci, ci);
     }
   }
-  OutputTransform<m>(mm, g, cout, y);
+  OutputTransform(mm, g, cout, y);
 }
 
 // dw (3,3,Ci,Co) from x (N,H,W,Ci) and dy (N,H,W,Co).
-template <int m>
 void WeightGrad(const float* x, const float* dy, float* dw, int64_t n, int64_t h, int64_t wd,
                 int64_t ci, int64_t co) {
-  constexpr int a = Mats<m>::a;
-  const Tiles g = MakeTiles<m>(n, h, wd);
+  const Tiles g = MakeTiles(n, h, wd);
+  if (g.t == 0) {  // an empty batch: no tiles, a zero gradient
+    std::memset(dw, 0, sizeof(float) * 9 * ci * co);
+    return;
+  }
   Work& work = Buffers();
-  float* v = work.v.Get(a * a * g.t * ci);
-  float* dm = work.m.Get(a * a * g.t * co);
-  float* du = work.u.Get(a * a * ci * co);
-  InputTransform<m>(x, g, ci, v);
-  OutputTransformT<m>(dy, g, co, dm);
-  for (int p = 0; p < a * a; ++p) {  // dU (Ci, Co) = V^T (Ci, T) @ dM (T, Co)
+  float* v = work.v.Get(kA * kA * g.t * ci);
+  float* dm = work.m.Get(kA * kA * g.t * co);
+  float* du = work.u.Get(kA * kA * ci * co);
+  InputTransform(x, g, ci, v);
+  OutputTransformT(dy, g, co, dm);
+  for (int p = 0; p < kA * kA; ++p) {  // dU (Ci, Co) = V^T (Ci, T) @ dM (T, Co)
     Gemm('T', 'N', ci, co, g.t, v + p * g.t * ci, ci, dm + p * g.t * co, co, du + p * ci * co, co);
   }
-  WeightTransformT<m>(du, ci, co, dw);
+  WeightTransformT(du, ci, co, dw);
 }
 
 std::string Shape(ffi::Span<const int64_t> d) {
@@ -392,7 +376,7 @@ ffi::Error ConvHandler(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   }
   try {
     std::lock_guard<std::mutex> lock(tvunet::ExecutionLock());
-    Conv<4>(x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], xd[2], wdims[2],
+    Conv(x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], xd[2], wdims[2],
             wdims[3], transposed != 0);
   } catch (const std::exception& e) {  // std::bad_alloc, a failed sgemm
     return ffi::Error::Internal(std::string("tvunet winograd conv: ") + e.what());
@@ -412,7 +396,7 @@ ffi::Error WgradHandler(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   }
   try {
     std::lock_guard<std::mutex> lock(tvunet::ExecutionLock());
-    WeightGrad<4>(x.typed_data(), dy.typed_data(), dw->typed_data(), xd[0], xd[1], xd[2], xd[3],
+    WeightGrad(x.typed_data(), dy.typed_data(), dw->typed_data(), xd[0], xd[1], xd[2], xd[3],
                   yd[3]);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("tvunet winograd weight grad: ") + e.what());
