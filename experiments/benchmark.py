@@ -760,6 +760,14 @@ def conv_op_table(backend: str, with_torch: bool, batch: int = 8) -> list[dict[s
              for k, (fn, args) in ops.items()}
     row = {**layer, "backend": backend, "form": form,
            "jax_ms": {k: 1e3 * _median(_timed(c, 1, 3)) for k, c in calls.items()}}
+    if (backend == "onednn" and not stride and tuple(w_shape[:2]) == (3, 3)
+        and pads == (1, 1, 1, 1)):
+      # The Winograd kernels at the same shape, and whether the model runs them there (one
+      # device): the measurement behind `conv.use_winograd`'s rule.
+      wino = {k: (lambda fn=jax.jit(fn), args=args: jax.block_until_ready(fn(*args)))
+              for k, (fn, args) in conv.winograd_ops(x, w, dy).items()}
+      row["winograd_ms"] = {k: 1e3 * _median(_timed(c, 1, 3)) for k, c in wino.items()}
+      row["winograd_in_model"] = conv.use_winograd(x_shape, w_shape, jnp.float32, pads)
     if backend == "onednn":
       first = 3 if stride else 0
       row["onednn_impl"] = {
@@ -1007,6 +1015,16 @@ def _convs(record: Mapping[str, Any]) -> str:
       backend)
 
 
+def _winograd_cell(row: Mapping[str, Any]) -> str:
+  """'fwd / input grad / weight grad ms' of the Winograd kernels, '(the model's)' where
+  `conv.use_winograd` picks them; '-' where not timed."""
+  d = row.get("winograd_ms")
+  if not d:
+    return "-"
+  ms = " / ".join(_fmt(d.get(k), 1) for k in ("forward", "input_grad", "weight_grad"))
+  return ms + (" (the model's)" if row.get("winograd_in_model") else "")
+
+
 def to_markdown(results: Mapping[str, Any]) -> str:
   """The human-readable tables of a results dict (as written to results.json)."""
   env = results["environment"]
@@ -1088,8 +1106,9 @@ def to_markdown(results: Mapping[str, Any]) -> str:
   if conv_rows:
     lines += ["", "## Convolutions of the paper model, batch 8 (ms: forward / input grad / "
               "weight grad)", "",
-              "| layers | x | w | variant | form (JAX) | JAX | PyTorch | oneDNN kernels |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| layers | x | w | variant | form (JAX) | JAX | PyTorch | oneDNN kernels "
+              "| Winograd F(4x4, 3x3) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for v, row in conv_rows:
       ms = lambda d: " / ".join(_fmt(d.get(k), 1) for k in ("forward", "input_grad",
                                                             "weight_grad")) if d else "-"
@@ -1097,7 +1116,9 @@ def to_markdown(results: Mapping[str, Any]) -> str:
           f"| {', '.join(row['layers'])} | {'x'.join(map(str, row['x']))} "
           f"| {'x'.join(map(str, row['w']))} | {v} ({row['backend']}) "
           f"| {row.get('form', 'conv')} | {ms(row['jax_ms'])} "
-          f"| {ms(row.get('torch_ms'))} | {' / '.join((row.get('onednn_impl') or {}).values()) or '-'} |")
+          f"| {ms(row.get('torch_ms'))} "
+          f"| {' / '.join((row.get('onednn_impl') or {}).values()) or '-'} "
+          f"| {_winograd_cell(row)} |")
   pipe = results.get("input_pipeline", {})
   if pipe.get("slices_s"):
     lines += ["", f"## Input pipeline (one thread pinned to one CPU, batch {pipe['batch']}, "

@@ -67,8 +67,11 @@ _OP_NAMES = ('conv forward', 'conv input grad', 'conv weight grad', 'transposed 
 
 
 def _custom_call_targets(hlo: str) -> dict[str, str]:
-  """Thunk name -> 'oneDNN <op>' for every custom call in optimized HLO text."""
+  """Thunk name -> 'oneDNN <op>' / 'Winograd <op>' for every custom call in optimized HLO text."""
   names = {target: f'oneDNN {_OP_NAMES[op]}' for op, target in conv.TARGETS.items()}
+  # One Winograd target serves the forward pass and the input gradient (its `transposed` flag).
+  names.update(zip(conv.WINOGRAD_TARGETS, ('Winograd conv forward / input grad',
+                                           'Winograd conv weight grad')))
   out = {}
   for m in re.finditer(r'%?([\w.\-]+) = [^\n]*custom_call_target="(\w+)"', hlo):
     out[m.group(1)] = names.get(m.group(2), f'custom call {m.group(2)}')

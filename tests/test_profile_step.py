@@ -50,3 +50,14 @@ def test_custom_call_targets_names_the_onednn_ops():
   assert kinds == sorted([
       'oneDNN conv forward', 'oneDNN conv input grad', 'oneDNN conv weight grad',
       'oneDNN transposed conv input grad', 'oneDNN transposed conv weight grad'])
+
+
+@pytest.mark.skipif(not conv.available(), reason='oneDNN kernel library not built')
+def test_custom_call_targets_names_the_winograd_ops():
+  """The Winograd kernels' calls (forward, input gradient, weight gradient) are named too."""
+  loss = lambda x, w: jnp.sum(conv.winograd_conv(x, w)**2)
+  x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+  hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+  assert sorted(profile_step._custom_call_targets(hlo).values()) == [
+      'Winograd conv forward / input grad', 'Winograd conv forward / input grad',
+      'Winograd conv weight grad']

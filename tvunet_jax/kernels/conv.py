@@ -381,6 +381,13 @@ _WINOGRAD = _Kernels(
                                    jnp.float32))
 
 
+def winograd_ops(x: jax.Array, w: jax.Array, dy: jax.Array
+                 ) -> dict[str, tuple[Callable[..., jax.Array], tuple[jax.Array, ...]]]:
+  """The three Winograd kernels alone, for timing, as `onednn_ops` (3x3 'SAME', float32)."""
+  return {'forward': (_WINOGRAD.fwd, (x, w)), 'input_grad': (_WINOGRAD.bwd_data, (dy, w)),
+          'weight_grad': (_WINOGRAD.bwd_weights, (x, dy))}
+
+
 def winograd_conv(x: jax.Array, w: jax.Array) -> jax.Array:
   """`lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))`
   for a 3x3 kernel by Winograd's F(4x4, 3x3) algorithm (`winograd.cc`).
