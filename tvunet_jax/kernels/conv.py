@@ -65,6 +65,9 @@ TARGETS = {0: 'tvunet_onednn_conv_fwd', 1: 'tvunet_onednn_conv_bwd_data',
 WINOGRAD_TARGETS = ('tvunet_winograd_conv', 'tvunet_winograd_wgrad')  # winograd.cc
 ENV_WINOGRAD = 'TVUNET_WINOGRAD'  # auto (default) / off / all: see `use_winograd`
 WINOGRAD_MODES = ('auto', 'off', 'all')
+# `use_winograd`'s 'auto' thresholds (measured: experiments/README.md, per-layer table).
+WINOGRAD_MIN_WORK = 40  # Ci*Co / (Ci + Co): GEMM work per tile over transform traffic per tile
+WINOGRAD_MIN_TILES = 32  # 4x4 tiles per device per call, to amortise the weight transform
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 _state: dict[str, Any] = {}
@@ -426,13 +429,13 @@ def use_winograd(x_shape: Sequence[int], w_shape: Sequence[int], dtype: Any,
   use bf16 arithmetic where the CPU has it (AVX-512 bf16, AMX), and the F(4x4, 3x3) transforms'
   coefficients (up to 8 in A^T, 5 in B^T) would cost bf16 too many bits. Under $TVUNET_WINOGRAD
   'all' every qualifying convolution runs Winograd, under 'off' none; under 'auto' (the default)
-  those with at least 128 channels in and out, so that the 36 GEMMs run near peak and the
-  transforms' memory traffic is small next to them, and at least 128 4x4 tiles per device, so that
-  the per-call weight transform is small next to the GEMMs (per-layer and whole-step measurements
-  in experiments/README.md). For the paper model at batch 8 on one device that is the second
-  conv of the 64x64 level, both convs of the 32x32 and 16x16 levels and the matching up-block
-  convs (the skip pair's halves); the 128x128 level (64 channels), the first 64 -> 128 conv and
-  the 8x8 bottleneck (32 tiles) stay direct. Split over devices, fewer tiles per device qualify.
+  those where it measured faster than the direct kernel, forward and backward (the benchmark's
+  per-layer table, experiments/README.md): Ci * Co / (Ci + Co) >= WINOGRAD_MIN_WORK, i.e. enough
+  GEMM work per tile for the transforms' memory traffic (which grows with Ci + Co), and at least
+  WINOGRAD_MIN_TILES 4x4 tiles per device, to amortise the weight transform (which does not shrink
+  with the batch). For the paper model at batch 8 on one device that is every 3x3 conv but the
+  first (1 -> 64 channels) and the 64 -> 64 ones of the 128x128 level, whose transforms cost as
+  much as the multiplications saved. Split over devices, fewer tiles per device qualify.
 
   Args:
     x_shape: (N, H, W, Ci); w_shape: (KH, KW, Ci, Co); dtype: the activations' dtype.
@@ -447,7 +450,8 @@ def use_winograd(x_shape: Sequence[int], w_shape: Sequence[int], dtype: Any,
     return True
   n, h, w = local_batch or x_shape[0], x_shape[1], x_shape[2]
   tiles = n * -(-h // 4) * -(-w // 4)
-  return min(w_shape[2], w_shape[3]) >= 128 and tiles >= 128
+  ci, co = w_shape[2], w_shape[3]
+  return ci * co >= WINOGRAD_MIN_WORK * (ci + co) and tiles >= WINOGRAD_MIN_TILES
 
 
 # --- the drop-in for lax.conv_general_dilated ----------------------------------------------------
