@@ -713,6 +713,13 @@ def _torch_conv_ops(x_shape, w_shape, pads, transposed: bool) -> dict[str, float
     return {k: 1e3 * _median(_timed(f, 1, 3)) for k, f in ops.items()}
 
 
+def _ops_ms(ops: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]]) -> dict[str, float]:
+  """Median ms of each jitted (function, arguments) of `ops` (1 warm-up, 3 timed calls)."""
+  calls = {k: (lambda fn=jax.jit(fn), args=args: jax.block_until_ready(fn(*args)))
+           for k, (fn, args) in ops.items()}
+  return {k: 1e3 * _median(_timed(c, 1, 3)) for k, c in calls.items()}
+
+
 def conv_op_table(backend: str, with_torch: bool, batch: int = 8) -> list[dict[str, Any]]:
   """Per layer shape of the paper model: ms of forward, input grad and weight grad on `backend`
   ('onednn': the kernels alone; 'xla': `lax.conv_general_dilated` and its linear transposes,
@@ -756,17 +763,12 @@ def conv_op_table(backend: str, with_torch: bool, batch: int = 8) -> list[dict[s
                             (dy, w)),
              "weight_grad": (lambda x, dy: jax.linear_transpose(lambda b: f(x, b), w)(dy)[0],
                              (x, dy))}
-    calls = {k: (lambda fn=jax.jit(fn), args=args: jax.block_until_ready(fn(*args)))
-             for k, (fn, args) in ops.items()}
-    row = {**layer, "backend": backend, "form": form,
-           "jax_ms": {k: 1e3 * _median(_timed(c, 1, 3)) for k, c in calls.items()}}
+    row = {**layer, "backend": backend, "form": form, "jax_ms": _ops_ms(ops)}
     if (backend == "onednn" and not stride and tuple(w_shape[:2]) == (3, 3)
         and pads == (1, 1, 1, 1)):
       # The Winograd kernels at the same shape, and whether the model runs them there (one
       # device): the measurement behind `conv.use_winograd`'s rule.
-      wino = {k: (lambda fn=jax.jit(fn), args=args: jax.block_until_ready(fn(*args)))
-              for k, (fn, args) in conv.winograd_ops(x, w, dy).items()}
-      row["winograd_ms"] = {k: 1e3 * _median(_timed(c, 1, 3)) for k, c in wino.items()}
+      row["winograd_ms"] = _ops_ms(conv.winograd_ops(x, w, dy))
       # A wide up-block row is not run as such (the model runs two of its conv_1 shape).
       row["winograd_in_model"] = form == "conv" and conv.use_winograd(x_shape, w_shape,
                                                                        jnp.float32, pads)
