@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from tvunet_jax import nifti_io
-from tvunet_jax import phantom
+from tvunet_jax import nifti_io, phantom
+from tvunet_jax.phantom import anatomy, generate, render
+from tvunet_jax.phantom import tubes as phantom_tubes
 
 T = phantom.Tissue
 
@@ -22,14 +23,14 @@ T = phantom.Tissue
 @pytest.fixture(scope="module")
 def slices():
   """Eight 128 px single-slice patients: lesions in the even ones, effusion in 0 and 4."""
-  return [phantom._simulate_slice(np.random.default_rng(100 + i), 128, lesion=i % 2 == 0,
+  return [generate._simulate_slice(np.random.default_rng(100 + i), 128, lesion=i % 2 == 0,
                                   effusion=i % 4 == 0)
           for i in range(8)]
 
 
 @pytest.fixture(scope="module")
 def volume():
-  return phantom._simulate_volume(np.random.default_rng(7), 96, 24, lesion=True)
+  return generate._simulate_volume(np.random.default_rng(7), 96, 24, lesion=True)
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +149,9 @@ def test_noise_level_in_air(slices):
 def test_airways_hold_air():
   for seed in range(3):
     rng = np.random.default_rng(seed)
-    p = phantom._sample_patient(rng)
+    p = anatomy._sample_patient(rng)
     # A slice high in the chest, through the trachea.
-    ph = phantom._render(p, rng, 128, 350.0, np.array([0.8 * p.lung_h]), 5.0, None, 0, None)
+    ph = render._render(p, rng, 128, 350.0, np.array([0.8 * p.lung_h]), 5.0, None, 0, None)
     core = ndimage.binary_erosion(ph.tissue[0] == T.AIRWAY)
     assert core.any()
     assert np.median(ph.hu[0][core]) < -900
@@ -167,9 +168,9 @@ def test_effusion_is_dependent(slices):
 
 def test_lung_is_smaller_at_the_apex_than_in_the_middle():
   rng = np.random.default_rng(5)
-  p = phantom._sample_patient(rng)
+  p = anatomy._sample_patient(rng)
   zs = np.array([0.4, 0.5, 0.6, 0.7, 0.92]) * p.lung_h
-  ph = phantom._render(p, rng, 96, 350.0, zs, 5.0, None, 0, None)
+  ph = render._render(p, rng, 96, 350.0, zs, 5.0, None, 0, None)
   area = (ph.lung > 0).sum(axis=(1, 2))
   assert area[-1] < 0.65 * area[:-1].max()
 
@@ -197,7 +198,7 @@ def test_volume_is_coherent_across_slices(volume):
   assert len(adjacent) >= 3
   assert np.mean(adjacent) > 0.5
   # Lesions of another patient at the same slice index overlap far less.
-  other = phantom._simulate_volume(np.random.default_rng(8), 96, z, lesion=True)
+  other = generate._simulate_volume(np.random.default_rng(8), 96, z, lesion=True)
   les_o = np.isin(other.labels, (phantom.GROUND_GLASS, phantom.CONSOLIDATION))
   unrelated = [_dice(les[..., k], les_o[..., k]) for k in range(z)
                if les[..., k].any() and les_o[..., k].any()]
@@ -209,7 +210,7 @@ def test_volume_is_coherent_across_slices(volume):
 
 
 def test_lesion_free_volume():
-  ph = phantom._simulate_volume(np.random.default_rng(2), 48, 6, lesion=False)
+  ph = generate._simulate_volume(np.random.default_rng(2), 48, 6, lesion=False)
   assert not ph.labels.any()
 
 
@@ -239,24 +240,24 @@ def test_same_seed_same_arrays():
 def test_tube_coverage_matches_circle_area_and_slab_fraction():
   x = (np.arange(41) - 20).astype(np.float32)  # 1 mm pixels
   # A vertical cylinder of radius 5 mm through a 5 mm slab: a disc of area pi * 25 pixels.
-  vertical = phantom._Tubes.of([((0, 0, -50), (0, 0, 50), 5.0)])
-  cov = phantom._draw_tubes(vertical, x, x, np.array([0.0]), 2.5, 1.0)
+  vertical = phantom_tubes._Tubes.of([((0, 0, -50), (0, 0, 50), 5.0)])
+  cov = phantom_tubes._draw_tubes(vertical, x, x, np.array([0.0]), 2.5, 1.0)
   assert abs(cov.sum() - np.pi * 25) < 0.02 * np.pi * 25
   assert cov[0, 20, 20] == 1.0 and cov[0, 20, 27] == 0.0
   # A horizontal cylinder of radius 1 mm inside a 5 mm slab fills 2/5 of it (partial volume).
-  horizontal = phantom._Tubes.of([((-10, 0, 0), (10, 0, 0), 1.0)])
-  cov = phantom._draw_tubes(horizontal, x, x, np.array([0.0]), 2.5, 1.0)
+  horizontal = phantom_tubes._Tubes.of([((-10, 0, 0), (10, 0, 0), 1.0)])
+  cov = phantom_tubes._draw_tubes(horizontal, x, x, np.array([0.0]), 2.5, 1.0)
   assert abs(cov.max() - 0.4) < 1e-6
   # ... and nothing in a slab 10 mm away.
-  cov = phantom._draw_tubes(horizontal, x, x, np.array([10.0]), 2.5, 1.0)
+  cov = phantom_tubes._draw_tubes(horizontal, x, x, np.array([10.0]), 2.5, 1.0)
   assert cov.max() == 0.0
 
 
 def test_territory_tree_follows_murray_law_and_reaches_every_point():
   rng = np.random.default_rng(0)
   pts = rng.uniform(-20, 20, (64, 3))
-  tubes, gen, tree = phantom._territory_trees(rng, pts, np.zeros(64, np.int64),
-                                              np.zeros((1, 3)), r_leaf=0.5)
+  tubes, gen, tree = phantom_tubes._territory_trees(rng, pts, np.zeros(64, np.int64),
+                                                    np.zeros((1, 3)), r_leaf=0.5)
   assert gen[0] == 0 and tubes.r[0] == pytest.approx(0.5 * 64 ** (1 / 3))
   leaves = np.isclose(tubes.r, 0.5)
   assert leaves.sum() == 64  # a binary tree over 64 points: 64 leaves, 63 branchings

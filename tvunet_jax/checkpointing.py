@@ -5,13 +5,25 @@ Layout of a workdir:
                         optimizer state incl. learning rate, step, RNG), `data` (input iterator
                         state) and `meta` (loop counters, config, model contract).
   best/<step>/          the single best checkpoint by the configured validation metric.
-  config.json, versions.json, model_contract.json   written at start by process 0.
+  config.json, config_history.json   the first start's config, and every start's (`resume`).
+  versions.json, model_contract.json   written at start by process 0.
 
 Resume order (`Checkpoints.restore_or_none` + `restore_variables`, used by train.py): an existing
 checkpoint in the workdir, else an explicit `init_checkpoint` (weights only), else scratch.
 
 Every restore goes into an abstract target carrying shardings, so a checkpoint written on 8 devices
 restores on 1 and vice versa. Saves are asynchronous; `wait()` before reading files or exiting.
+
+Kill-anywhere safety. Orbax commits a step by renaming its temporary folder, and leftover
+temporary folders are removed when a manager opens. At an improved evaluation the latest
+checkpoint S is saved first and the best one second; before any later latest checkpoint is saved
+the best save is waited for. So after a kill the two managers can disagree in two ways only, and
+both are repaired rather than refused:
+  * best/S committed, checkpoints/S not (the run resumes from an earlier step): reaching S again,
+    `save_best` finds S already in best/ and keeps it. Training is deterministic in (seed, step),
+    so the kept files are what the save would have written.
+  * checkpoints/S committed, best/S not: the checkpoint's meta names S as its best step, so
+    `repair_best` saves the restored state (the same state) as best/S at start.
 """
 
 from __future__ import annotations
@@ -25,9 +37,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 
+from tvunet_jax import atomic
 from tvunet_jax import models
-from tvunet_jax import nifti_io
 
 CONTRACT_FILE = "model_contract.json"
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
@@ -42,12 +55,13 @@ class Checkpoints:
     self.best_metric = best_metric
     self.last = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             cleanup_tmp_directories=True))
     self.best = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "best"),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode=best_mode,
-            keep_checkpoints_without_metrics=False, create=True))
+            keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True))
 
   @staticmethod
   def _args(state, data_state: dict, meta: dict):
@@ -55,12 +69,27 @@ class Checkpoints:
                               data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
 
   def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+    # A pending best save must commit before a later latest checkpoint can (see the docstring).
+    self.best.wait_until_finished()
     self.last.save(step, args=self._args(state, data_state, meta), force=True)
 
-  def save_best(self, step: int, state, data_state: dict, meta: dict,
-                metrics: dict[str, float]) -> None:
+  def save_best(self, step: int, state, data_state: dict, meta: dict, value: float) -> bool:
+    """Saves `step` as the best checkpoint unless best/ already holds it; True if it saved."""
+    if step in self.best.all_steps():
+      logging.info("best checkpoint %d is already in best/ (an interrupted start saved it): kept",
+                   step)
+      return False
     self.best.save(step, args=self._args(state, data_state, meta),
-                   metrics={self.best_metric: float(metrics[self.best_metric])}, force=True)
+                   metrics={self.best_metric: float(value)}, force=True)
+    return True
+
+  def repair_best(self, step: int, state, data_state: dict, meta: dict) -> None:
+    """After a resume from `step`: if its meta names `step` as the best step and best/ lacks it
+    (killed between the two saves), saves the restored state as best/`step`."""
+    if (meta.get("best_step") == step and meta.get("best") is not None
+        and step not in self.best.all_steps()):
+      self.save_best(step, state, data_state, meta, meta["best"])
+      logging.info("best checkpoint %d was missing (killed between the two saves): saved", step)
 
   def restore_or_none(self, abstract_state) -> tuple[Any, dict, dict] | None:
     """Latest checkpoint of this workdir restored into `abstract_state`'s shapes and shardings."""
@@ -154,18 +183,13 @@ def library_versions() -> dict[str, str]:
   return out
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  nifti_io.write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def write_run_info(workdir: str, config_json: dict, contract: dict) -> None:
-  """Resolved config, library versions and the model's input contract, beside the checkpoints."""
+def write_run_info(workdir: str, contract: dict) -> None:
+  """Library versions and the model's input contract, beside the checkpoints (process 0)."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  write_json_atomic(os.path.join(workdir, "config.json"), config_json)
-  write_json_atomic(os.path.join(workdir, "versions.json"), library_versions())
-  write_json_atomic(os.path.join(workdir, CONTRACT_FILE), contract)
+  atomic.write_json(os.path.join(workdir, "versions.json"), library_versions())
+  atomic.write_json(os.path.join(workdir, CONTRACT_FILE), contract)
 
 
 def read_contract(workdir_or_checkpoint: str) -> dict:

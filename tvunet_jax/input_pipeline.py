@@ -27,6 +27,7 @@ import scipy.ndimage
 import tensorflow_datasets as tfds
 
 from tfds_builder import covid19_ct_seg
+from tvunet_jax import atomic
 
 # Lung window (W 1500, L -600): the intensity range a radiologist reads lung infection in.
 LUNG_WINDOW = (-1350.0, 150.0)
@@ -77,15 +78,14 @@ def prepare_dataset(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
     from tvunet_jax import phantom as phantom_lib  # pylint: disable=g-import-not-at-top
     # Generated beside the target and renamed into place: an interrupted run never leaves a
     # partial phantom under manual_dir. A non-empty manual_dir is data and is never replaced.
-    tmp = f"{manual_dir}.incomplete-{os.getpid()}"
-    try:
+    # Process 0 is the only writer, so a leftover temporary folder is a killed start's: removed.
+    parent, name = os.path.split(manual_dir)
+    if os.path.isdir(parent):
+      for stale in os.listdir(parent):
+        if stale.startswith(f"{atomic.TEMP_PREFIX}{name}-"):
+          shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    with atomic.replacing_dir(manual_dir, overwrite=True) as tmp:
       phantom_lib.write_medseg_phantom(tmp, overwrite=True, **phantom)
-      if os.path.isdir(manual_dir):
-        os.rmdir(manual_dir)  # empty (checked above)
-      os.replace(tmp, manual_dir)
-    finally:
-      if os.path.isdir(tmp):
-        shutil.rmtree(tmp)
   covid19_ct_seg.build(manual_dir, data_dir, builder_config)
 
 

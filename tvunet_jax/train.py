@@ -23,11 +23,13 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
+from tvunet_jax import atomic
 from tvunet_jax import checkpointing
 from tvunet_jax import input_pipeline
 from tvunet_jax import losses
 from tvunet_jax import metrics
 from tvunet_jax import models
+from tvunet_jax import resume
 from tvunet_jax import sharding
 from tvunet_jax import writers
 from tvunet_jax.kernels import conv
@@ -166,6 +168,29 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.U
   sums = {"loss_sum": jnp.sum(loss * valid), "bce_sum": jnp.sum(bce * valid),
           "tv_sum": jnp.sum(tv * valid), "count": jnp.sum(valid)}
   return sums, probs
+
+
+def make_train_fn(*, model: models.UNet, tx: optax.GradientTransformation,
+                  loss_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  state_shardings: Any, accum: int = 1):
+  """The one jitted `train_step`: (state, batch) -> (state, metrics), used by training, tests and
+  the benchmark. The state is donated; batches are sharded over the mesh's data axis, metrics
+  replicated; it traces under `mesh` so the CPU kernels run per shard."""
+  batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  step = functools.partial(train_step, model=model, tx=tx, loss_cfg=loss_cfg, accum=accum,
+                           n_devices=mesh.shape[sharding.DATA_AXIS])
+  return sharding.under_mesh(mesh, jax.jit(
+      step, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated),
+      donate_argnums=0))
+
+
+def make_eval_fn(*, model: models.UNet, loss_cfg: ml_collections.ConfigDict,
+                 mesh: jax.sharding.Mesh, state_shardings: Any):
+  """The one jitted `eval_step`: (state, batch) -> (loss sums, probabilities), both replicated."""
+  batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return sharding.under_mesh(mesh, jax.jit(
+      functools.partial(eval_step, model=model, loss_cfg=loss_cfg),
+      in_shardings=(state_shardings, batch_sh), out_shardings=(replicated, replicated)))
 
 
 def _check_batch_config(config: ml_collections.ConfigDict, mesh) -> int:
@@ -315,17 +340,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
   contract = model_contract(config, image_size)
-  checkpointing.write_run_info(workdir, config.to_dict(), contract)
+  config_dict = config.to_dict()
+  checkpointing.write_run_info(workdir, contract)
   writer = writers.MetricWriter(workdir)
 
   # ---------------------------------------------------------------- restore
   ckpt = checkpointing.Checkpoints(workdir, keep=t.keep_checkpoints, best_metric=t.best_metric,
                                    best_mode=t.best_mode)
-  meta = {"best": None, "since_best": 0, "stopped_early": False}
+  meta = {"best": None, "best_step": None, "since_best": 0, "stopped_early": False}
+  changes = []
   restored = ckpt.restore_or_none(abstract_state)
   if restored is not None:
     state, data_state, meta = restored
+    # Checkpoints of older versions carry no config: nothing to compare, nothing refused.
+    changes = resume.config_changes(meta.get("config", config_dict), config_dict)
+    for key, old, new in changes:
+      logging.info("resumed with %s changed: %r -> %r", key, old, new)
+    if any(key == "train.learning_rate" for key, _, _ in changes):
+      state = _set_learning_rate(state, t.learning_rate, state_sh)
     train_iter.set_state(data_state)
+    ckpt.repair_best(int(state.step), state, data_state, meta)
     logging.info("resumed from %s at step %d", workdir, int(state.step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sh)(rng)
@@ -335,17 +369,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               "batch_stats": abstract_state.batch_stats})
       state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
       logging.info("initialised weights from %s", t.init_checkpoint)
+  if jax.process_index() == 0:
+    resume.record_start(workdir, config_dict, step=int(state.step), changes=changes)
   start_step = int(state.step)
 
   # ---------------------------------------------------------------- steps
-  replicated = sharding.replicated(mesh)
-  train_fn = sharding.under_mesh(mesh, jax.jit(
-      functools.partial(train_step, model=model, tx=tx, loss_cfg=config.loss,
-                        accum=t.grad_accum_steps, n_devices=n_devices),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0))
-  eval_fn = sharding.under_mesh(mesh, jax.jit(
-      functools.partial(eval_step, model=model, loss_cfg=config.loss),
-      in_shardings=(state_sh, batch_sh), out_shardings=(replicated, replicated)))
+  train_fn = make_train_fn(model=model, tx=tx, loss_cfg=config.loss, mesh=mesh,
+                           state_shardings=state_sh, accum=t.grad_accum_steps)
+  eval_fn = make_eval_fn(model=model, loss_cfg=config.loss, mesh=mesh, state_shardings=state_sh)
   local_eval_batch = sharding.local_batch_size(config.eval.batch_size, mesh)
 
   eval_names = volume_names(eval_src)
@@ -359,10 +390,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   last_saved = start_step
 
+  def saved_meta():
+    return {**meta, "contract": contract, "config": config_dict}
+
   def save(step):
     nonlocal last_saved
     if step != last_saved:
-      ckpt.save(step, state, train_iter.get_state(), {**meta, "contract": contract})
+      ckpt.save(step, state, train_iter.get_state(), saved_meta())
       last_saved = step
 
   # ---------------------------------------------------------------- loop
@@ -398,6 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         result, last_eval = run_eval(eval_src, eval_names, "eval")
         writer.write_overlays(step, *result.pop("overlays"), threshold=config.eval.threshold)
         improved = _update_plateau(meta, last_eval[t.best_metric], t)
+        if improved:
+          meta["best_step"] = step
         if meta.get("lr_drop"):
           lr = max(float(state.opt_state.hyperparams["learning_rate"]) * t.plateau_factor,
                    t.min_learning_rate)
@@ -406,10 +442,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.write(f"step {step}: " + ", ".join(
             f"{k[5:]} {v:.4f}" for k, v in last_eval.items()
             if k in ("eval/loss", "eval/dice", "eval/iou", "eval/average_precision")))
-        save(step)
+        save(step)  # latest first, then best: the order `Checkpoints` repairs after a kill
         if improved:
-          ckpt.save_best(step, state, train_iter.get_state(), {**meta, "contract": contract},
-                         last_eval)
+          ckpt.save_best(step, state, train_iter.get_state(), saved_meta(),
+                         last_eval[t.best_metric])
       elif step % t.checkpoint_every_steps == 0:
         save(step)
     if step == stop_at and step < total_steps:
@@ -432,8 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       final["test/dice_constant_baseline"] = 2 * positives / (
           positives + float(result["num_pixels"]))
       if jax.process_index() == 0:
-        checkpointing.write_json_atomic(os.path.join(workdir, "test_metrics.json"),
-                                        metrics.to_jsonable(result))
+        atomic.write_json(os.path.join(workdir, "test_metrics.json"), metrics.to_jsonable(result))
     final["param_fingerprint"] = param_fingerprint(state.params)
   finally:  # also on a non-finite step or an evaluation error: flush saves, stop threads
     bar.close()
