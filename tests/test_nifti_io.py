@@ -7,7 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tvunet_jax import atomic
 from tvunet_jax import nifti_io
+from tvunet_jax import volumes
 
 
 def _write(path, data, affine=np.eye(4)):
@@ -74,12 +76,12 @@ def test_failed_save_leaves_nothing(tmp_path):
 
 def test_storage_rotation_is_a_quarter_turn_and_its_inverse():
   display = np.array([[1, 2, 3], [4, 5, 6]])  # (rows, cols)
-  stored = nifti_io.to_storage(display)
+  stored = volumes.to_storage(display)
   np.testing.assert_array_equal(stored, [[4, 1], [5, 2], [6, 3]])  # a clockwise quarter turn
-  np.testing.assert_array_equal(nifti_io.from_storage(stored), display)
+  np.testing.assert_array_equal(volumes.from_storage(stored), display)
 
 
 def test_write_text_atomic(tmp_path):
   path = tmp_path / "r.json"
-  nifti_io.write_text_atomic(path, "{}\n")
+  atomic.write_text(path, "{}\n")
   assert path.read_text() == "{}\n" and os.listdir(tmp_path) == ["r.json"]

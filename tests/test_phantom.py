@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from tvunet_jax import nifti_io, phantom
+from tvunet_jax import nifti_io, phantom, volumes
 from tvunet_jax.phantom import anatomy, generate, render
 from tvunet_jax.phantom import tubes as phantom_tubes
 
@@ -67,8 +67,8 @@ def test_storage_rotation_contract_on_a_hand_made_array():
   np.testing.assert_array_equal(np.rot90(stored, k=phantom.STORAGE_ROT90_K, axes=(0, 1)), display)
   np.testing.assert_array_equal(phantom.from_storage(stored), display)
   # The phantom's helpers are the ones every reader uses.
-  assert phantom.to_storage is nifti_io.to_storage
-  assert phantom.from_storage is nifti_io.from_storage
+  assert phantom.to_storage is volumes.to_storage
+  assert phantom.from_storage is volumes.from_storage
 
 
 def test_storage_round_trip_3d():

@@ -17,6 +17,7 @@ from tvunet_jax import nifti_io
 from tvunet_jax import phantom
 from tvunet_jax import predict
 from tvunet_jax import sharding
+from tvunet_jax import volumes
 
 ornt = nib.orientations
 
@@ -92,7 +93,7 @@ def test_orientation_inverts_exactly_and_finds_anatomy(codes):
   base = np.zeros((5, 6, 4), np.int16)
   base[0, -1, -1] = 7  # LAS array: X=0 is the right side, Y max anterior, Z max superior
   data, aff, _ = _reorient(base, _las_affine(), codes)
-  o = predict.Orientation.of(aff, data.shape)
+  o = volumes.Orientation.of(aff, data.shape)
   disp = o.to_display(data)
   assert disp.shape == (6, 5, 4)
   assert disp[0, 0, -1] == 7 and np.count_nonzero(disp) == 1
@@ -104,15 +105,15 @@ def test_orientation_inverts_exactly_and_finds_anatomy(codes):
 def test_medseg_orientation_is_the_training_rotation(tiny_data):
   """For a file as MedSeg/the phantom store it, `to_display` is exactly `from_storage`."""
   vol = nifti_io.load_volume(os.path.join(tiny_data[0], "rp_im", "7.nii.gz"))
-  assert nib.aff2axcodes(vol.affine) == predict.STORAGE_AXCODES
-  o = predict.Orientation.of(vol.affine, vol.data.shape)
-  np.testing.assert_array_equal(o.to_display(vol.data), nifti_io.from_storage(vol.data))
+  assert nib.aff2axcodes(vol.affine) == volumes.STORAGE_AXCODES
+  o = volumes.Orientation.of(vol.affine, vol.data.shape)
+  np.testing.assert_array_equal(o.to_display(vol.data), volumes.from_storage(vol.data))
 
 
 def test_network_inputs_equal_training_examples(tiny_data):
   """Native volume -> network inputs reproduces the paper_128 examples + preprocess bit for bit."""
   vol = nifti_io.load_volume(os.path.join(tiny_data[0], "rp_im", "7.nii.gz"))
-  slices = np.moveaxis(nifti_io.from_storage(vol.data), 2, 0)
+  slices = np.moveaxis(volumes.from_storage(vol.data), 2, 0)
   x = predict.network_inputs(slices, CONTRACT)
   src = input_pipeline.load_split(tiny_data[1], "paper_128", "test")
   seen = 0
@@ -143,7 +144,7 @@ def test_round_trip_nontrivial_affines(tmp_path):
   h, w = hu.shape[:2]
   quarter = (np.arange(h)[:, None, None] < h // 2) & (np.arange(w)[None, :, None] < w // 2)
   hu = np.where((hu < -600) & ~quarter, -100.0, hu).astype(np.float32)
-  base = nifti_io.to_storage(hu)  # (X, Y, Z) as MedSeg stores it
+  base = volumes.to_storage(hu)  # (X, Y, Z) as MedSeg stores it
   base_aff = _las_affine()
   permuted, perm_aff, perm_t = _reorient(base, base_aff, ("P", "I", "R"))
   variants = {
@@ -158,7 +159,7 @@ def test_round_trip_nontrivial_affines(tmp_path):
   for name, (data, aff) in variants.items():
     path = str(tmp_path / f"{name}.nii.gz")
     nifti_io.save_volume(data, aff, path)
-    seg = predict.segment_volume(path, model, {}, CONTRACT, predictor=predictor)
+    seg = predict.segment_volume(path, predictor, CONTRACT)
     report = predict.write_outputs(seg, str(tmp_path / "out"), probabilities=True)
     out = nib.load(report["outputs"]["mask"])
     src = nib.load(path)
@@ -192,8 +193,9 @@ def test_round_trip_nontrivial_affines(tmp_path):
 def test_trailing_singleton_axis_is_kept(tmp_path):
   hu, _, _ = _phantom_ct(slices=3)
   path = str(tmp_path / "vol4d.nii")
-  nifti_io.save_volume(nifti_io.to_storage(hu)[..., None], _las_affine(), path)
-  seg = predict.segment_volume(path, BandModel(-1050, -675), {}, CONTRACT, batch_size=8)
+  nifti_io.save_volume(volumes.to_storage(hu)[..., None], _las_affine(), path)
+  predictor = predict.SlicePredictor(BandModel(-1050, -675), {}, batch_size=8)
+  seg = predict.segment_volume(path, predictor, CONTRACT)
   report = predict.write_outputs(seg, str(tmp_path / "out"))
   assert nib.load(report["outputs"]["mask"]).shape == (80, 96, 3, 1)
 
@@ -210,15 +212,15 @@ def test_perfect_model_reports_the_truth(tmp_path):
   truth[80:84, 90:95, 2] = True  # a 4 x 5 x 1 lesion: 20 voxels
   disp[truth] = -300.0
   # Stored with the slice axis pointing inferior: per-slice areas come back in file order.
-  stored = nifti_io.to_storage(disp)
+  stored = volumes.to_storage(disp)
   data, aff, t = _reorient(stored, _las_affine(), ("L", "A", "I"))
   path, lung_path = str(tmp_path / "ct.nii.gz"), str(tmp_path / "lung.nii.gz")
   nifti_io.save_volume(data, aff, path)
-  lung_file = ornt.apply_orientation(nifti_io.to_storage(lung.astype(np.uint8)), t)
+  lung_file = ornt.apply_orientation(volumes.to_storage(lung.astype(np.uint8)), t)
   nifti_io.save_volume(lung_file, aff, lung_path)
-  seg = predict.segment_volume(path, BandModel(-400, -200), {}, CONTRACT,
-                               lung_mask_path=lung_path, batch_size=8)
-  truth_file = ornt.apply_orientation(nifti_io.to_storage(truth.astype(np.uint8)), t)
+  seg = predict.segment_volume(path, predict.SlicePredictor(BandModel(-400, -200), {}, batch_size=8),
+                               CONTRACT, lung_mask_path=lung_path)
+  truth_file = ornt.apply_orientation(volumes.to_storage(truth.astype(np.uint8)), t)
   np.testing.assert_array_equal(seg.mask, truth_file)
   r = seg.report
   assert r["lesion_voxels"] == 320
@@ -240,7 +242,7 @@ def test_perfect_model_reports_the_truth(tmp_path):
 @pytest.mark.parametrize("seed", [0, 2])
 def test_derived_lung_mask_matches_phantom_lungs(seed):
   hu, labels, lung = phantom.generate_volume(np.random.default_rng(seed), 96, 8, lesion=True)
-  derived = predict.derive_lung_mask(hu) | (labels > 0)
+  derived = volumes.derive_lung_mask(hu) | (labels > 0)
   truth = lung > 0
   dice = 2 * (derived & truth).sum() / (derived.sum() + truth.sum())
   assert dice > 0.93
@@ -254,7 +256,7 @@ def test_derived_lung_excludes_outside_air():
   hu[8, 6] = 40.0  # a vessel inside the right lung: a hole to fill
   expected = np.zeros(hu.shape, bool)
   expected[5:15, 5:9] = expected[5:15, 11:15] = True
-  np.testing.assert_array_equal(predict.derive_lung_mask(hu), expected)
+  np.testing.assert_array_equal(volumes.derive_lung_mask(hu), expected)
 
 
 # ----------------------------------------------------------------------------- devices

@@ -183,13 +183,12 @@ def library_versions() -> dict[str, str]:
   return out
 
 
-def write_run_info(workdir: str, contract: dict) -> None:
-  """Library versions and the model's input contract, beside the checkpoints (process 0)."""
+def write_run_info(workdir: str) -> None:
+  """Library versions of this start, beside the checkpoints (process 0)."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   atomic.write_json(os.path.join(workdir, "versions.json"), library_versions())
-  atomic.write_json(os.path.join(workdir, CONTRACT_FILE), contract)
 
 
 def read_contract(workdir_or_checkpoint: str) -> dict:

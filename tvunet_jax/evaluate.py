@@ -40,12 +40,15 @@ import numpy as np
 import tqdm
 
 from tfds_builder import covid19_ct_seg
+from tvunet_jax import atomic
 from tvunet_jax import checkpointing
+from tvunet_jax import contract as contract_lib
 from tvunet_jax import input_pipeline
 from tvunet_jax import metrics
 from tvunet_jax import nifti_io
 from tvunet_jax import predict
 from tvunet_jax import sharding
+from tvunet_jax import volumes
 from tvunet_jax import writers
 
 RESOLUTIONS = ("network", "native")
@@ -194,7 +197,7 @@ def evaluate_native(predictor: predict.SlicePredictor, contract: dict, source, *
     for j, ex in enumerate(examples):
       groups.setdefault(tuple(ex["image"].shape), []).append(j)
     for shape, idx in groups.items():
-      probs = predict.resize_back(probs_net[idx], shape)
+      probs = volumes.resize_back(probs_net[idx], shape)
       labels = np.stack([input_pipeline.preprocess(
           examples[j], target=contract["target"], intensity=contract["intensity"]
       )["label"][..., 0] for j in idx])
@@ -215,11 +218,10 @@ def evaluate_run(workdir: str, *, split: str = "test", checkpoint: str | None = 
   """
   workdir = os.path.abspath(workdir)
   mesh = mesh if mesh is not None else sharding.make_mesh()
-  path = resolve_checkpoint(workdir, checkpoint)
-  ckpt_dir, step = checkpointing.find_checkpoint(path)
-  model, variables, contract = predict.load_model(path, mesh)
+  ckpt_dir, step = checkpointing.find_checkpoint(resolve_checkpoint(workdir, checkpoint))
+  path = os.path.join(ckpt_dir, str(step))  # resolved once: every read below uses this step
+  predictor, contract = predict.checkpoint_predictor(path, mesh=mesh, batch_size=batch_size)
   manual, data, config_name = data_locations(workdir, manual_dir, data_dir)
-  predictor = predict.SlicePredictor(model, variables, mesh=mesh, batch_size=batch_size)
   try:
     source = input_pipeline.load_split(data, config_name, split)
   except Exception as e:  # TFDS raises several types for a missing build or split
@@ -241,8 +243,7 @@ def evaluate_run(workdir: str, *, split: str = "test", checkpoint: str | None = 
     native_result = evaluate_native(
         predictor, contract, input_pipeline.load_split(data, NATIVE_CONFIG, split),
         progress=progress)
-  return {"workdir": workdir, "checkpoint": {"path": os.path.join(ckpt_dir, str(step)),
-                                             "step": step},
+  return {"workdir": workdir, "checkpoint": {"path": path, "step": step},
           "contract": contract,
           "data": {"manual_dir": manual, "data_dir": data, "builder_config": config_name,
                    "split": split},
@@ -347,7 +348,7 @@ def plot_pr_curves(runs: dict[str, dict], path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower left")
   ax.set_title("Precision-recall (pixels)")
-  predict.save_figure_atomic(fig, path)
+  writers.save_figure(fig, path)
 
 
 def plot_overlays(runs: dict[str, dict], keys: Sequence[tuple[str, int]], path: str) -> None:
@@ -375,7 +376,7 @@ def plot_overlays(runs: dict[str, dict], keys: Sequence[tuple[str, int]], path: 
       ax.imshow(panel)
       ax.set_axis_off()
       ax.set_title(f"{title}" + (f"\n{key[0]} slice {key[1]}" if j == 0 else ""), fontsize=8)
-  predict.save_figure_atomic(fig, path)
+  writers.save_figure(fig, path)
 
 
 def write_outputs(runs: dict[str, dict], split: str, out_dir: str,
@@ -390,8 +391,8 @@ def write_outputs(runs: dict[str, dict], split: str, out_dir: str,
              "run_order": list(runs),  # the JSON writer sorts keys
              "runs": {name: {k: v for k, v in r.items() if k != "overlays"}
                       for name, r in runs.items()}}
-  checkpointing.write_json_atomic(paths["json"], metrics.to_jsonable(payload))
-  nifti_io.write_text_atomic(paths["markdown"], markdown_report(runs, split))
+  atomic.write_json(paths["json"], metrics.to_jsonable(payload))
+  atomic.write_text(paths["markdown"], markdown_report(runs, split))
   plot_pr_curves(runs, paths["pr_curve"])
   plot_overlays(runs, overlay_keys, paths["overlays"])
   return paths
@@ -431,7 +432,7 @@ def evaluate_workdirs(workdirs: Sequence[str], *, split: str = "test",
     _, data, config_name = data_locations(first, manual_dir, data_dir)
     try:
       src = input_pipeline.load_split(data, config_name, split)
-      target = checkpointing.read_contract(resolve_checkpoint(first, checkpoint))["target"]
+      target = contract_lib.read(resolve_checkpoint(first, checkpoint))["target"]
       keys = choose_overlay_slices(src, target, num_overlays)
     except Exception:  # pylint: disable=broad-except
       keys = []  # evaluate_run reports the real problem with a clear message

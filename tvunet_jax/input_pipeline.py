@@ -101,6 +101,17 @@ def lung_window(hu: np.ndarray) -> np.ndarray:
   return ((np.clip(np.asarray(hu, np.float32), lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
+def preprocess_image(image: np.ndarray, *, intensity: str = "raw_hu") -> np.ndarray:
+  """HU -> the network's intensity (`raw_hu` as given, or the lung window in [0, 1]); float32,
+  same shape. The one intensity path of training, evaluation and inference."""
+  image = np.asarray(image, np.float32)
+  if intensity == "lung_window":
+    return lung_window(image)
+  if intensity != "raw_hu":
+    raise ValueError(f"unknown intensity {intensity!r}; choose from {INTENSITIES}")
+  return image
+
+
 def preprocess(example: dict, *, target: str = "ground_glass",
                intensity: str = "raw_hu") -> dict[str, np.ndarray]:
   """One decoded TFDS example -> model input and target.
@@ -112,11 +123,7 @@ def preprocess(example: dict, *, target: str = "ground_glass",
   """
   if target not in TARGETS:
     raise ValueError(f"unknown target {target!r}; choose from {sorted(TARGETS)}")
-  image = np.asarray(example["image"], np.float32)
-  if intensity == "lung_window":
-    image = lung_window(image)
-  elif intensity != "raw_hu":
-    raise ValueError(f"unknown intensity {intensity!r}; choose from {INTENSITIES}")
+  image = preprocess_image(example["image"], intensity=intensity)
   label = np.isin(example["mask"], TARGETS[target]).astype(np.float32)
   return {"image": image[..., None], "label": label[..., None]}
 

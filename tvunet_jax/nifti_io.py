@@ -22,24 +22,9 @@ import numpy as np
 from tvunet_jax import atomic
 
 
-# MedSeg stores each slice rotated by 90 degrees relative to the radiological display (row 0
-# anterior, column 0 the patient's right). `display = np.rot90(stored, k=STORAGE_ROT90_K)` over
-# the first two axes; the phantom writes the same quirk so one reader serves both.
-STORAGE_ROT90_K = 1
-
 # The MedSeg download's file layout, shared by the phantom writer and the TFDS builder.
 TR_IMAGE, TR_MASK, TR_LUNG = "tr_im.nii.gz", "tr_mask.nii.gz", "tr_lungmasks_updated.nii.gz"
 RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = "rp_im", "rp_msk", "rp_lung_msk"
-
-
-def from_storage(stored: np.ndarray) -> np.ndarray:
-  """(X, Y, ...) array as stored in MedSeg files -> (rows, cols, ...) display orientation."""
-  return np.rot90(stored, k=STORAGE_ROT90_K, axes=(0, 1))
-
-
-def to_storage(display: np.ndarray) -> np.ndarray:
-  """(rows, cols, ...) display orientation -> (X, Y, ...) as MedSeg stores it; inverse of above."""
-  return np.rot90(display, k=-STORAGE_ROT90_K, axes=(0, 1))
 
 
 class VolumeError(ValueError):

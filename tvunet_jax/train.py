@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from tvunet_jax import atomic
 from tvunet_jax import checkpointing
+from tvunet_jax import contract
 from tvunet_jax import input_pipeline
 from tvunet_jax import losses
 from tvunet_jax import metrics
@@ -219,26 +220,6 @@ def _check_batch_config(config: ml_collections.ConfigDict, mesh) -> int:
   return per_device
 
 
-def model_contract(config: ml_collections.ConfigDict, image_size: tuple[int, int]) -> dict:
-  """What a user of the weights must reproduce at inference (MONAI-bundle style metadata)."""
-  return {
-      "image_size": list(image_size),
-      "in_channels": 1,
-      "intensity": config.data.intensity,
-      "lung_window": list(input_pipeline.LUNG_WINDOW),
-      "target": config.data.target,
-      "target_labels": list(input_pipeline.TARGETS[config.data.target]),
-      "orientation": "display: row 0 anterior, column 0 patient right; MedSeg files stored "
-                     "rot90 (nifti_io.STORAGE_ROT90_K)",
-      "resize": "bilinear with anti-aliasing (image), nearest (mask)",
-      "threshold": config.eval.threshold,
-      "output": "logits (B, H, W, num_outputs); probability = sigmoid",
-      # The conv backend is a property of the machine, not of the weights: inference picks its
-      # own ('auto', or TVUNET_CONV_BACKEND).
-      "model": {k: v for k, v in config.model.to_dict().items() if k != "conv_backend"},
-  }
-
-
 def volume_names(source) -> list[str]:
   """Sorted volume ids of a split (decodes every example: call once per split)."""
   return sorted({source[i]["volume_id"].decode() for i in range(len(source))})
@@ -304,7 +285,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh.num_devices)
-  n_devices = mesh.shape[sharding.DATA_AXIS]
   _check_batch_config(config, mesh)  # fails before any data is built
   batch_sh = sharding.batch_sharding(mesh)
   logging.info("processes %d, devices %d (%s), mesh %s", jax.process_count(), jax.device_count(),
@@ -339,9 +319,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state_sh = sharding.state_shardings(mesh, abstract_state, fsdp=config.mesh.fsdp)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
-  contract = model_contract(config, image_size)
+  model_contract = contract.make(config, image_size)
   config_dict = config.to_dict()
-  checkpointing.write_run_info(workdir, contract)
+  checkpointing.write_run_info(workdir)
+  if jax.process_index() == 0:
+    contract.write(workdir, model_contract)
   writer = writers.MetricWriter(workdir)
 
   # ---------------------------------------------------------------- restore
@@ -391,7 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_saved = start_step
 
   def saved_meta():
-    return {**meta, "contract": contract, "config": config_dict}
+    return {**meta, "contract": model_contract, "config": config_dict}
 
   def save(step):
     nonlocal last_saved

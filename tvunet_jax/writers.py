@@ -65,3 +65,10 @@ def overlay_panels(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
   pred[hit] = 0.6 * pred[hit] + 0.4 * np.array([1.0, 0.0, 0.0])
   rows = np.concatenate([gray, truth, pred], axis=2)  # (N, H, 3W, 3)
   return (np.concatenate(list(rows), axis=0) * 255).astype(np.uint8)
+
+
+def save_figure(fig, path: str) -> None:
+  """Saves a matplotlib figure as a PNG, atomically (`atomic.replacing`)."""
+  from tvunet_jax import atomic  # pylint: disable=g-import-not-at-top
+  with atomic.replacing(path, suffix=".png") as tmp:
+    fig.savefig(tmp, dpi=100, format="png")

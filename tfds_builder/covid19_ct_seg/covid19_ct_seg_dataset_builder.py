@@ -2,7 +2,9 @@
 
 Reads the MedSeg file layout from `manual_dir` (the real download, or `python -m tvunet_jax.phantom`
 output, which uses the same layout) and writes array_record shards of 2D axial slices in display
-orientation (storage rotation undone), split by volume so that no patient is in two splits.
+orientation, split by volume so that no patient is in two splits. Each volume is oriented by its
+image's affine with `tvunet_jax.volumes.Orientation`, the same rule inference uses; for files
+stored as MedSeg stores them this undoes their 90-degree storage rotation.
 
 Configs:
   paper_128: slices resized to 128x128 (image bilinear with anti-aliasing, masks nearest), HU as
@@ -24,10 +26,10 @@ import os
 from typing import Iterator
 
 import numpy as np
-import skimage.transform
 import tensorflow_datasets as tfds
 
 from tvunet_jax import nifti_io
+from tvunet_jax import volumes
 
 # The raw file names (one definition, shared with the phantom writer). TR_LUNG is optional.
 TR_IMAGE, TR_MASK, TR_LUNG = nifti_io.TR_IMAGE, nifti_io.TR_MASK, nifti_io.TR_LUNG
@@ -58,9 +60,11 @@ class Covid19CtSegConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
   """MedSeg COVID-19 CT segmentation slices with lesion labels, split by volume."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
       "1.0.0": "Initial release: paper_128 and native configs, volume-wise train/validation/test.",
+      "1.1.0": "Volumes oriented by their affine (the rule predict uses) instead of always by "
+               "MedSeg's storage rotation; same examples for files stored as MedSeg does.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download the MedSeg "COVID-19 CT segmentation dataset" (http://medicalsegmentation.com/covid19/,
@@ -139,7 +143,8 @@ def check_layout(manual_dir: str, units: list[str]) -> None:
 
 
 def _load_triplet(img_path: str, mask_path: str, lung_path: str | None):
-  """Loads image, labels and optional lung mask, checking they agree; returns display-oriented."""
+  """Loads image, labels and optional lung mask, checking they agree; returns display-oriented
+  arrays (by the image's affine) and the display (row, column, slice) spacing in mm."""
   img = nifti_io.load_volume(img_path, dtype=np.float32)
   mask = nifti_io.load_volume(mask_path, dtype=np.uint8)
   if mask.data.shape != img.data.shape:
@@ -147,14 +152,16 @@ def _load_triplet(img_path: str, mask_path: str, lung_path: str | None):
         f"{mask_path}: mask shape {mask.data.shape} differs from image shape {img.data.shape}")
   if mask.data.max(initial=0) >= NUM_LABELS:
     raise nifti_io.VolumeError(f"{mask_path}: label {int(mask.data.max())} outside 0..3")
+  ori = volumes.Orientation.of(img.affine, img.data.shape)
   lung = None
   if lung_path and os.path.exists(lung_path):
     lung = nifti_io.load_volume(lung_path, dtype=np.uint8).data
     if lung.shape != img.data.shape:
       raise nifti_io.VolumeError(
           f"{lung_path}: lung mask shape {lung.shape} differs from image shape {img.data.shape}")
-    lung = nifti_io.from_storage(lung)
-  return (nifti_io.from_storage(img.data), nifti_io.from_storage(mask.data), lung, img.zooms)
+    lung = ori.to_display(lung)
+  return (ori.to_display(img.data), ori.to_display(mask.data), lung,
+          ori.display_spacing_mm())
 
 
 def iter_slices(manual_dir: str, unit: str) -> Iterator[tuple[str, dict]]:
@@ -164,14 +171,13 @@ def iter_slices(manual_dir: str, unit: str) -> Iterator[tuple[str, dict]]:
   """
   if unit == "tr":
     lung_path = os.path.join(manual_dir, TR_LUNG)
-    img, mask, lung, zooms = _load_triplet(
+    img, mask, lung, spacing = _load_triplet(
         os.path.join(manual_dir, TR_IMAGE), os.path.join(manual_dir, TR_MASK), lung_path)
     ids = [f"tr_{z:03d}" for z in range(img.shape[2])]  # every tr slice is its own patient
   else:
-    img, mask, lung, zooms = _load_triplet(*_rp_paths(manual_dir, unit[2:]))
+    img, mask, lung, spacing = _load_triplet(*_rp_paths(manual_dir, unit[2:]))
     ids = [unit] * img.shape[2]
-  # After rot90 the display rows run along stored Y and columns along stored X.
-  spacing = np.array([zooms[1], zooms[0], zooms[2]], np.float32)
+  spacing = np.array(spacing, np.float32)
   for z in range(img.shape[2]):
     yield f"{ids[z]}_{z:04d}", {
         "image": img[:, :, z],
@@ -185,17 +191,14 @@ def iter_slices(manual_dir: str, unit: str) -> Iterator[tuple[str, dict]]:
 
 
 def resize_example(ex: dict, size: tuple[int, int] | None, image_dtype: np.dtype) -> dict:
-  """Resizes one native example to `size` (images bilinear + anti-aliasing, masks nearest)."""
+  """Resizes one native example to `size` (`volumes.resize_image` / `resize_labels`)."""
   ex = dict(ex)
   image = ex["image"]
   if size is not None and tuple(image.shape) != tuple(size):
     h, w = image.shape
-    image = skimage.transform.resize(image, size, order=1, anti_aliasing=True,
-                                     preserve_range=True)
+    image = volumes.resize_image(image, size)
     for k in ("mask", "lung_mask"):
-      # Nearest neighbour keeps labels integers; anti-aliasing would blend label values.
-      ex[k] = skimage.transform.resize(ex[k], size, order=0, anti_aliasing=False,
-                                       preserve_range=True).astype(np.uint8)
+      ex[k] = volumes.resize_labels(ex[k], size)
     ex["spacing"] = ex["spacing"] * np.array([h / size[0], w / size[1], 1.0], np.float32)
   if np.issubdtype(image_dtype, np.integer):
     info = np.iinfo(image_dtype)

@@ -31,15 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from tvunet_jax import atomic, nifti_io
+from tvunet_jax import atomic, nifti_io, volumes
 from tvunet_jax.phantom.generate import _check_size, _simulate_slice, _simulate_volume
 
-# The storage rotation lives in nifti_io (every reader goes through it); re-exported here so the
-# writer and its readers cannot disagree. Contract, for (X, Y, Z) stored / (rows, cols, Z) display:
+# The storage rotation lives in volumes (the one orientation rule every reader uses); re-exported
+# here so the writer and its readers cannot disagree. For (X, Y, Z) stored / (rows, cols, Z) display:
 #   display = np.rot90(stored, k=STORAGE_ROT90_K, axes=(0, 1))
-STORAGE_ROT90_K = nifti_io.STORAGE_ROT90_K
-to_storage = nifti_io.to_storage
-from_storage = nifti_io.from_storage
+STORAGE_ROT90_K = volumes.STORAGE_ROT90_K
+to_storage = volumes.to_storage
+from_storage = volumes.from_storage
 
 TR_IMAGE, TR_MASK, TR_LUNG = nifti_io.TR_IMAGE, nifti_io.TR_MASK, nifti_io.TR_LUNG
 RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = (
