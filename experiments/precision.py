@@ -18,7 +18,6 @@ if __name__ == "__main__":  # run as a program: before JAX's threads exist
   host_memory.keep_freed_memory()
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,8 +25,7 @@ import time
 import numpy as np
 
 from experiments.configs import default
-from tvunet_jax import checkpointing
-from tvunet_jax import nifti_io
+from tvunet_jax import atomic
 from tvunet_jax import train
 from tvunet_jax.kernels import conv
 
@@ -71,10 +69,10 @@ def main(argv=None) -> int:
   rows.sort(key=lambda r: (DTYPES.index(r["dtype"]), r["seed"]))
   command = "python -m experiments.precision " + " ".join(sys.argv[1:] if argv is None else argv)
   backend = conv.resolve(default.get_config().model.conv_backend)
-  checkpointing.write_json_atomic(os.path.join(args.out, "precision.json"),
-                                  {"command": command, "conv_backend": backend, "runs": rows})
+  atomic.write_json(os.path.join(args.out, "precision.json"),
+                    {"command": command, "conv_backend": backend, "runs": rows})
   md = markdown(rows, command.strip(), (time.time() - t0) / 60, backend)
-  nifti_io.write_text_atomic(os.path.join(args.out, "precision.md"), md)
+  atomic.write_text(os.path.join(args.out, "precision.md"), md)
   print(md)
   return 0
 

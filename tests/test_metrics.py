@@ -196,6 +196,83 @@ def test_paper_miou_table_equals_the_authors_script():
   assert metrics.paper_miou(probs, labels) == pytest.approx(np.mean(jac), rel=1e-13)
 
 
+# Both sigmoid outputs of the authors' head (background, lesion) on 6 pixels, NOT complementary;
+# no value equals 0.1 or 0.9, so the script's `>` and our `>=` agree.
+HEAD_PROBS = np.array([[[0.95, 0.95], [0.05, 0.05], [0.5, 0.5]],
+                       [[0.95, 0.02], [0.3, 0.92], [0.08, 0.6]]], np.float32)[None]  # (1, 2, 3, 2)
+HEAD_MASK = np.array([[[1, 0, 1], [0, 1, 0]]])  # (1, 2, 3) lesion mask
+
+
+def _authors_miou(mask, preds, tr, smooth=100):
+  """main_TV_Unet_Split1.py, `jaccard_distance_loss`, one threshold (the script loops over them)."""
+  num_class = 2
+  label_test = np.full(mask.shape + (num_class,), 0)
+  for ix in range(0, num_class):
+    label_test[..., ix] = np.where(mask == ix, 1, 0)
+  y_pred_t = (preds[:, :, :, :] > tr).astype(np.uint8)
+  y_true_f = np.array(label_test[:, :, :, :])
+  y_pred_f = np.array(y_pred_t)
+  intersection = np.sum(y_true_f * y_pred_f, axis=-1)
+  sum_ = np.sum(np.abs(y_true_f) + np.abs(y_pred_f), axis=-1)
+  jac = (intersection + smooth) / (sum_ - intersection + smooth)
+  return np.mean(jac)
+
+
+def test_paper_miou_of_the_two_channel_head_follows_the_script():
+  # Hand values, pixel by pixel, truth (1 - y, y) against each channel binarised on its own:
+  # t = 0.1: (1,1)|y=1 -> 101/102; (0,0)|0 -> 100/101; (1,1)|1 -> 101/102; (1,0)|0 -> 1;
+  #          (1,1)|1 -> 101/102; (0,1)|0 -> 100/102.
+  # t = 0.9: (1,1)|1 -> 101/102; (0,0)|0 -> 100/101; (0,0)|1 -> 100/101; (1,0)|0 -> 1;
+  #          (0,1)|1 -> 1; (0,0)|0 -> 100/101.
+  hand = {0.1: (3 * 101 / 102 + 100 / 101 + 1 + 100 / 102) / 6,
+          0.9: (101 / 102 + 3 * 100 / 101 + 2) / 6}
+  table = metrics.threshold_metrics(HEAD_PROBS, HEAD_MASK)
+  for t, row in ((0.1, 0), (0.9, 8)):
+    script = _authors_miou(HEAD_MASK, HEAD_PROBS, t)
+    assert script == pytest.approx(hand[t], rel=1e-12)
+    assert metrics.paper_miou(HEAD_PROBS, HEAD_MASK, t) == pytest.approx(script, rel=1e-12)
+    # Labels as the training batches carry them, (B, H, W, 1).
+    assert metrics.paper_miou(HEAD_PROBS, HEAD_MASK[..., None], t) == pytest.approx(script,
+                                                                                    rel=1e-12)
+    assert table['paper_miou'][row] == pytest.approx(script, rel=1e-12)
+    # The (1 - x, x) rebuild from the lesion channel gives another number on this head.
+    rebuilt = metrics.paper_miou(HEAD_PROBS[..., 1], HEAD_MASK, t)
+    assert abs(rebuilt - script) > 1e-3
+  # The rest of the table reads the lesion channel.
+  lesion_table = metrics.threshold_metrics(HEAD_PROBS[..., 1], HEAD_MASK)
+  for k in ('dice', 'iou', 'precision', 'recall', 'tp', 'fp', 'fn', 'tn'):
+    np.testing.assert_array_equal(table[k], lesion_table[k])
+  # Soft: the script's formula on the unthresholded outputs.
+  t2 = np.stack([1 - HEAD_MASK, HEAD_MASK], -1).astype(np.float64)
+  p2 = HEAD_PROBS.astype(np.float64)
+  inter = np.sum(t2 * p2, -1)
+  soft = np.mean((inter + 100) / (np.sum(t2 + p2, -1) - inter + 100))
+  assert metrics.paper_miou(HEAD_PROBS, HEAD_MASK) == pytest.approx(soft, rel=1e-12)
+
+
+def test_paper_miou_head_weights_jit_and_lesion_only():
+  # Weight 0 on a pixel = the pixel removed (here the last one: the script on 5 pixels).
+  w = np.ones(HEAD_MASK.shape)
+  w[0, 1, 2] = 0
+  kept = _authors_miou(HEAD_MASK[:, :1], HEAD_PROBS[:, :1], 0.1) * 3
+  kept += _authors_miou(HEAD_MASK[:, 1:, :2], HEAD_PROBS[:, 1:, :2], 0.1) * 2
+  assert metrics.paper_miou(HEAD_PROBS, HEAD_MASK, 0.1, weights=w) == pytest.approx(kept / 5)
+  # Under jit, per threshold, the same sums as on the host.
+  thr = np.array([0.1, 0.9])
+  stats = jax.jit(functools.partial(metrics.paper_miou_stats, thresholds=jnp.asarray(thr)))(
+      jnp.asarray(HEAD_PROBS), jnp.asarray(HEAD_MASK))
+  expected = [6 * _authors_miou(HEAD_MASK, HEAD_PROBS, t) for t in thr]
+  np.testing.assert_allclose(stats['paper_jaccard_sum'], expected, rtol=1e-6)
+  assert float(stats['pixel_count']) == 6
+  # paper_channels=1: the lesion channel alone, thresholded, against y.
+  b = (HEAD_PROBS[..., 1] > 0.1).astype(np.float64)
+  y = HEAD_MASK.astype(np.float64)
+  one = np.mean((y * b + 100) / (y + b - y * b + 100))
+  assert metrics.paper_miou(HEAD_PROBS, HEAD_MASK, 0.1, paper_channels=1) == pytest.approx(one)
+  with pytest.raises(ValueError, match='probs shape'):
+    metrics.paper_miou(np.zeros((1, 2, 3, 3)), HEAD_MASK, 0.5)
+
+
 # ----------------------------------------------------------------------------- PR curve and AP
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from tvunet_jax import nifti_io, phantom, volumes
+from tvunet_jax import phantom, volumes
 from tvunet_jax.phantom import anatomy, generate, render
 from tvunet_jax.phantom import tubes as phantom_tubes
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tvunet_jax import checkpointing
+from tvunet_jax import contract as contract_lib
 from tvunet_jax import input_pipeline
 from tvunet_jax import models
 from tvunet_jax import nifti_io
@@ -322,7 +323,7 @@ def test_cli_with_real_checkpoint(trained, tiny_data, tmp_path, capsys):
   np.testing.assert_array_equal(m.affine, src.affine)
   mask = np.asarray(m.dataobj)
   probs = np.asarray(nib.load(os.path.join(out, "7_probs.nii.gz")).dataobj)
-  contract = checkpointing.read_contract(trained)
+  contract = contract_lib.read(trained)
   np.testing.assert_array_equal(mask, probs >= np.float32(contract["threshold"]))
   with open(os.path.join(out, "7_report.json")) as f:
     report = json.load(f)

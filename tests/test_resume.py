@@ -15,9 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tvunet_jax import checkpointing
 from tvunet_jax import input_pipeline
-from tvunet_jax import models
 from tvunet_jax import resume
 from tvunet_jax import train
 

@@ -11,9 +11,11 @@ import optax
 import pytest
 
 from tvunet_jax import checkpointing
+from tvunet_jax import contract as contract_lib
 from tvunet_jax import input_pipeline
 from tvunet_jax import losses
 from tvunet_jax import models
+from tvunet_jax import predict
 from tvunet_jax import sharding
 from tvunet_jax import train
 
@@ -42,7 +44,7 @@ def test_tiny_run_end_to_end(tiny_config, tmp_path):
     report = json.load(f)
   assert len(report["threshold"]) == 9 and "paper_miou" in report
   assert report["operating_threshold"] == 0.35
-  contract = checkpointing.read_contract(workdir)
+  contract = contract_lib.read(workdir)
   assert contract["image_size"] == [128, 128] and contract["intensity"] == "lung_window"
   assert contract["threshold"] == 0.35
 
@@ -197,7 +199,7 @@ def test_load_for_inference_reproduces_eval_logits(tiny_config, tmp_path):
   tiny_config.train.num_steps = 2
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config, workdir)
-  model, variables, contract = checkpointing.load_for_inference(workdir)
+  model, variables, contract = predict.load_model(workdir)
   assert contract["model"]["base"] == tiny_config.model.base
   x = np.random.default_rng(0).normal(size=(2, 128, 128, 1)).astype(np.float32)
   ref_model = models.build(tiny_config.model)
@@ -234,3 +236,24 @@ def test_init_checkpoint_starts_from_its_weights(tiny_config, tmp_path):
   a, _ = _final_params(first, tiny_config)
   b, _ = _final_params(second, tiny_config)
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+
+
+def test_paper_head_trains_and_predict_reads_its_lesion_channel(tiny_config, tmp_path):
+  """The authors' 2-channel sigmoid head: trains, its contract names channel 1, and predict
+  returns sigmoid of that channel."""
+  from tvunet_jax import contract as contract_lib  # pylint: disable=g-import-not-at-top
+  from tvunet_jax import predict  # pylint: disable=g-import-not-at-top
+  tiny_config.model.num_outputs = 2
+  tiny_config.data.test_split = ""
+  tiny_config.train.num_steps = 2
+  workdir = str(tmp_path / "paper_head")
+  final = train.train_and_evaluate(tiny_config, workdir)
+  assert np.isfinite(final["eval/loss"])
+  c = contract_lib.read(workdir)
+  assert c["output_channel"] == 1 and c["model"]["num_outputs"] == 2
+  predictor, _ = predict.checkpoint_predictor(workdir, mesh=sharding.make_mesh(1), batch_size=4)
+  model, variables, _ = predict.load_model(workdir, sharding.make_mesh(1))
+  x = np.random.default_rng(0).uniform(0, 1, (3, 128, 128)).astype(np.float32)
+  logits = np.asarray(model.apply(variables, x[..., None], train=False))
+  assert logits.shape == (3, 128, 128, 2)
+  np.testing.assert_allclose(predictor(x), 1 / (1 + np.exp(-logits[..., 1])), atol=1e-5)

@@ -29,20 +29,16 @@ both are repaired rather than refused:
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
 from tvunet_jax import atomic
-from tvunet_jax import models
 
-CONTRACT_FILE = "model_contract.json"
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
                       "tensorflow-datasets", "grain", "nibabel", "tvunet_jax")
 
@@ -153,25 +149,6 @@ def restore_variables(path: str, abstract_variables: dict) -> tuple[dict, dict]:
   return restored["state"], meta
 
 
-def load_for_inference(path: str, sharding: jax.sharding.Sharding | None = None
-                       ) -> tuple[models.UNet, dict, dict]:
-  """(model, variables, contract) from a workdir or checkpoint, ready for `model.apply`.
-
-  The model is rebuilt from the contract saved with the weights, so inference needs no config
-  file; `sharding` (e.g. replicated over a mesh) places the variables.
-  """
-  contract = read_contract(path)
-  model = models.build(contract["model"])
-  h, w = contract["image_size"]
-  abstract = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, h, w, contract.get("in_channels", 1))), train=False))
-  if sharding is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            abstract)
-  variables, _ = restore_variables(path, abstract)
-  return model, variables, contract
-
-
 def library_versions() -> dict[str, str]:
   out = {"python": platform.python_version(), "platform": platform.platform(),
          "jax_backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
@@ -189,16 +166,3 @@ def write_run_info(workdir: str) -> None:
     return
   os.makedirs(workdir, exist_ok=True)
   atomic.write_json(os.path.join(workdir, "versions.json"), library_versions())
-
-
-def read_contract(workdir_or_checkpoint: str) -> dict:
-  """The input contract saved with a run (from the checkpoint's meta, else the workdir file)."""
-  directory, step = find_checkpoint(workdir_or_checkpoint)
-  meta_file = os.path.join(directory, str(step), "meta", "metadata")
-  if os.path.exists(meta_file):
-    with open(meta_file) as f:
-      meta = json.load(f)
-    if "contract" in meta:
-      return meta["contract"]
-  with open(os.path.join(os.path.dirname(directory), CONTRACT_FILE)) as f:
-    return json.load(f)

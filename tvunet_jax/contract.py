@@ -19,14 +19,10 @@ import numpy as np
 from tvunet_jax import atomic
 from tvunet_jax import checkpointing
 from tvunet_jax import input_pipeline
+from tvunet_jax import losses
 
 FILE = "model_contract.json"
 KEYS = ("image_size", "intensity", "target", "threshold", "model")
-
-
-def lesion_channel(num_outputs: int) -> int:
-  """Index of the lesion logit: 0 for a 1-channel head, 1 for the authors' (background, lesion)."""
-  return 1 if num_outputs == 2 else 0
 
 
 def make(config: ml_collections.ConfigDict, image_size: tuple[int, int]) -> dict[str, Any]:
@@ -44,7 +40,7 @@ def make(config: ml_collections.ConfigDict, image_size: tuple[int, int]) -> dict
       "resize": "bilinear with anti-aliasing (image), nearest (mask)",
       "threshold": config.eval.threshold,
       "output": f"logits (B, H, W, {num_outputs}); probability = sigmoid",
-      "output_channel": lesion_channel(num_outputs),
+      "output_channel": losses.lesion_channel(num_outputs),
       # The conv backend is a property of the machine, not of the weights: inference picks its
       # own ('auto', or TVUNET_CONV_BACKEND).
       "model": {k: v for k, v in config.model.to_dict().items() if k != "conv_backend"},
@@ -84,9 +80,11 @@ def check(c: Any, source: str) -> None:
   if not 0.0 < float(c["threshold"]) < 1.0:
     raise ValueError(f"{source}: model contract threshold {c['threshold']} not in (0, 1)")
   num_outputs = c["model"].get("num_outputs", 1) if isinstance(c["model"], dict) else None
-  if not isinstance(num_outputs, int) or not 0 <= output_channel(c) < num_outputs:
-    raise ValueError(f"{source}: model contract output_channel {c.get('output_channel')} does not "
-                     f"fit num_outputs {num_outputs}")
+  k = c.get("output_channel", 0)
+  if (not isinstance(num_outputs, int) or not isinstance(k, int) or isinstance(k, bool)
+      or not 0 <= k < num_outputs):
+    raise ValueError(f"{source}: model contract output_channel {k!r} is not a channel of the "
+                     f"{num_outputs} logit channels")
 
 
 def write(workdir: str, c: dict[str, Any]) -> None:

@@ -182,9 +182,14 @@ def evaluate_native(predictor: predict.SlicePredictor, contract: dict, source, *
     source: a `tfds.data_source` of the `native` config (slices of any size, int16 HU).
 
   Returns:
-    `SegmentationAccumulator.result()` over native pixels.
+    `SegmentationAccumulator.result()` over native pixels, plus "lesionwise": the lesion-wise
+    scores (`lesionwise.lesionwise_scores` on each volume's 3D mask at the operating threshold,
+    with its spacing) per volume and summarised (`lesionwise.summarize`).
   """
   acc = _accumulator(contract)
+  thr = np.float32(contract["threshold"])
+  slices: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+  spacing: dict[str, np.ndarray] = {}
   n = len(source)
   b = predictor.batch_size
   for start in tqdm.trange(0, n, b, disable=not progress, desc="native", unit="batch",
@@ -201,8 +206,21 @@ def evaluate_native(predictor: predict.SlicePredictor, contract: dict, source, *
       labels = np.stack([input_pipeline.preprocess(
           examples[j], target=contract["target"], intensity=contract["intensity"]
       )["label"][..., 0] for j in idx])
-      acc.update(probs, labels, volume_ids=[examples[j]["volume_id"].decode() for j in idx])
-  return acc.result()
+      ids = [examples[j]["volume_id"].decode() for j in idx]
+      acc.update(probs, labels, volume_ids=ids)
+      for j, vid, p, y in zip(idx, ids, probs, labels):
+        slices.setdefault(vid, {})[int(examples[j]["slice_index"])] = (p >= thr, y > 0)
+        spacing[vid] = np.asarray(examples[j]["spacing"], np.float64)
+  result = acc.result()
+  per_volume = {}
+  for vid, by_index in sorted(slices.items()):
+    order = sorted(by_index)
+    pred = np.stack([by_index[k][0] for k in order], axis=-1)  # (H, W, Z)
+    truth = np.stack([by_index[k][1] for k in order], axis=-1)
+    per_volume[vid] = metrics.lesionwise_scores(pred, truth, spacing[vid])
+  result["lesionwise"] = {"per_volume": per_volume,
+                          "summary": metrics.summarize_lesionwise(per_volume.values())}
+  return result
 
 
 def evaluate_run(workdir: str, *, split: str = "test", checkpoint: str | None = None,
@@ -313,6 +331,17 @@ def markdown_report(runs: dict[str, dict], split: str) -> str:
                  f"{_fmt(cc['isolated_fp_components_per_slice'], 2)} | "
                  f"{_fmt(cc['isolated_fp_fraction'], 3)} | "
                  f"{_fmt(cc['missed_lesion_fraction'], 3)} |")
+  out += ["", "## Lesion-wise (3D components per volume, native resolution; BraTS 2023 "
+          "lesion-wise Dice and HD95, autoPET FP/FN volume)", "",
+          "| run | volume | lesions | predicted | lesion Dice | lesion HD95 mm | detection F1 | "
+          "FP mL | FN mL |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, r in runs.items():
+    lw = (r.get("native") or {}).get("lesionwise")
+    for vid, v in (lw or {}).get("per_volume", {}).items():
+      out.append(f"| {name} | {vid} | {v['num_gt_lesions']} | {v['num_pred_components']} | "
+                 f"{_fmt(v['lesion_dice'])} | {_fmt(v['lesion_hd95'], 1)} | "
+                 f"{_fmt(v['lesion_f1'])} | {_fmt(v['fp_volume_ml'], 3)} | "
+                 f"{_fmt(v['fn_volume_ml'], 3)} |")
   out += ["", "## Per-volume Dice (operating threshold)", "",
           "| run | resolution | volume | slices | Dice |", "|---|---|---|---|---|"]
   for name, r in runs.items():

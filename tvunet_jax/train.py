@@ -151,7 +151,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.U
 
   Returns:
     ({"loss_sum", "bce_sum", "tv_sum", "count"} summed over valid rows, probabilities (B, H, W)
-    float32 of the first output channel). Segmentation metrics are accumulated on the host from
+    float32 of the lesion channel, `losses.lesion_channel`). Segmentation metrics are accumulated on the host from
     the probabilities (`metrics.SegmentationAccumulator`).
   """
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
@@ -165,7 +165,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.U
     return loss, aux["bce"], aux["tv"]
 
   loss, bce, tv = jax.vmap(per_image)(logits, batch["label"])
-  probs = jax.nn.sigmoid(logits[..., 0])
+  probs = jax.nn.sigmoid(logits[..., losses.lesion_channel(logits.shape[-1])])
   sums = {"loss_sum": jnp.sum(loss * valid), "bce_sum": jnp.sum(bce * valid),
           "tv_sum": jnp.sum(tv * valid), "count": jnp.sum(valid)}
   return sums, probs
@@ -211,9 +211,9 @@ def _check_batch_config(config: ml_collections.ConfigDict, mesh) -> int:
         f"train.per_device_batch_size={t.per_device_batch_size} contradicts global_batch_size="
         f"{t.global_batch_size} / ({n} devices x {t.grad_accum_steps} accumulation steps) = "
         f"{per_device}")
-  if config.model.num_outputs != 1:
-    raise ValueError(f"model.num_outputs={config.model.num_outputs}: the input pipeline and the "
-                     "metrics handle one lesion channel; set model.num_outputs=1")
+  if config.model.num_outputs not in (1, 2):
+    raise ValueError(f"model.num_outputs={config.model.num_outputs}: the heads are 1 (lesion) or "
+                     "2 (the authors': background, lesion) sigmoid channels")
   if config.eval.batch_size % n:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the {n} "
                      "devices")

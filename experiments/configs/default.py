@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.base = 8  # first-level width (paper: 64); level l has base * 2**l channels
   c.model.depth = 4  # number of 2x down-samplings (paper: 4)
   c.model.dropout = 0.2  # after each pool and each skip concatenation (paper: 0.2)
-  c.model.num_outputs = 1  # logit channels: 1 lesion channel
+  c.model.num_outputs = 1  # 1 lesion channel, or 2 as the authors (background, lesion; BCE on both)
   c.model.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters
   c.model.upsample = "subpixel"  # "subpixel" (fast on CPU) or "conv_transpose": same numbers
   c.model.pool = "reshape"  # "reshape" (fast on CPU) or "max_pool": same numbers

@@ -56,6 +56,8 @@ from tvunet_jax.metrics.curves import (
   score_histogram,
 )
 from tvunet_jax.metrics.inputs import ArrayLike
+from tvunet_jax.lesionwise import lesionwise_scores, robust_hausdorff
+from tvunet_jax.lesionwise import summarize as summarize_lesionwise
 from tvunet_jax.metrics.report import SUMMARY_TABLE_KEYS, summary_scalars, to_jsonable
 
 __all__ = [
@@ -72,13 +74,16 @@ __all__ = [
   "batch_stats",
   "component_counts",
   "confusion_counts",
+  "lesionwise_scores",
   "metrics_from_counts",
   "paper_jaccard",
   "paper_miou",
   "paper_miou_stats",
   "pr_curve",
   "pr_curve_from_histogram",
+  "robust_hausdorff",
   "score_histogram",
+  "summarize_lesionwise",
   "summary_scalars",
   "threshold_metrics",
   "to_jsonable",

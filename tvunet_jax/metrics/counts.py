@@ -31,14 +31,17 @@ Conventions (implemented everywhere, tested)
 The paper's "mIoU" (`paper_miou`)
 ---------------------------------
 The authors' script (github.com/narges-sa/COVID-CT-Segmentation,
-`main_TV_Unet_Split1.py`) binarises both output channels (background, lesion)
-at each threshold and evaluates the keras-contrib `jaccard_distance` similarity
+`main_TV_Unet_Split1.py`, `jaccard_distance_loss`) takes the model's 2-channel
+sigmoid output (channel 0 background, channel 1 lesion) and, for each threshold
+tr in 0.1, ..., 0.9, binarises EVERY channel on its own,
+`y_pred_t = (y_pred[:, :, :, :] > tr)`, against the one-hot labels
+`label_test[..., ix] = (mask == ix)`, then evaluates
 
-    intersection = sum(|y_true * y_pred|, axis=-1)
-    sum_ = sum(|y_true| + |y_pred|, axis=-1)
+    intersection = sum(y_true * y_pred_t, axis=-1)
+    sum_ = sum(|y_true| + |y_pred_t|, axis=-1)
     jac = (intersection + smooth) / (sum_ - intersection + smooth),  smooth = 100
 
-with the sum over the last (channel) axis only, then averages `jac` over all
+with the sum over the last (channel) axis only, and prints `mean(jac)` over all
 pixels. Per pixel the smoothing term 100 dwarfs the at most 2 channel values
 it is added to, so the number is not an intersection-over-union: a wrong pixel
 scores 100 / 102 = 0.980 with the two complementary one-hot channels
@@ -46,13 +49,22 @@ scores 100 / 102 = 0.980 with the two complementary one-hot channels
 prediction, even an all-wrong one, scores >= 0.980, and predicting nothing at
 all on slices with 2% lesion pixels scores 1 - 0.02 * 2 / 102 = 0.9996. It is
 reported only under the name `paper_miou`, beside the foreground `iou`
-(tp / (tp + fp + fn)) and the standard `class_mean_iou`. `paper_channels=2`
-(default) builds the authors' two channels from the lesion map as (1 - x, x);
-`paper_channels=1` uses the lesion channel alone. In the threshold table it is
-computed on the binarised prediction at each threshold, which is how the
-authors obtained their table; `paper_miou_soft` is the same formula on the
-probabilities (what a Keras training metric would have shown). Pixels are
-pooled (sum / count), which equals the authors' mean over their test array.
+(tp / (tp + fp + fn)) and the standard `class_mean_iou`.
+
+Two input layouts. Given both head channels, probs (..., 2) with the lesion mask
+(...) or (..., 1) (`is_paper_head`), `paper_miou` is the script channel by
+channel; the two binarised channels need not be complementary (a pixel may be
+predicted as both, or neither). Given the lesion map alone, probs (...) (the
+1-output head), the background is rebuilt as (1 - b, b) from the binarised
+lesion channel b (`paper_channels=2`, default), which is the script's number only
+for a head whose background output crosses the threshold exactly where
+1 - lesion does; `paper_channels=1` uses the lesion channel alone. In the
+threshold table it is computed on the binarised prediction at each threshold,
+which is how the authors obtained their table (`>= t` here, `> t` in the script;
+they differ only for outputs exactly equal to t); `paper_miou_soft` is the same
+formula on the probabilities (what a Keras training metric would have shown).
+Pixels are pooled (sum / count), which equals the authors' mean over their test
+array.
 """
 
 from __future__ import annotations
@@ -203,6 +215,45 @@ def _paper_channels(x: Any, channels: int, xp: Any) -> Any:
   raise ValueError(f"metrics: paper_channels must be 1 or 2, got {channels}")
 
 
+def is_paper_head(probs: ArrayLike, labels: ArrayLike) -> bool:
+  """Whether `probs` holds both channels of the authors' head for the lesion mask `labels`.
+
+  True when probs is (..., 2) (channel 0 background, channel 1 lesion) and labels is the
+  pixel shape (...) or (..., 1); equal shapes are the 1-channel layout (lesion map per pixel).
+  """
+  ps, ls = np.shape(probs), np.shape(labels)
+  return len(ps) >= 1 and ps[-1] == 2 and ls != ps and ls in (ps[:-1], ps[:-1] + (1,))
+
+
+def _paper_inputs(
+  probs: ArrayLike, labels: ArrayLike, weights: ArrayLike | None, fn: str
+) -> tuple[Any, Any, Any, Any, bool]:
+  """(pred (..., C_head) float, lesion probs (...), labels (...) bool, weights | None, head?).
+
+  For the authors' head, pred is both channels as given; otherwise pred is the lesion map
+  (...). Checks as `_host_inputs` / `_device_inputs` (both channels for the head).
+  """
+  head = is_paper_head(probs, labels)
+  jax_in = _is_jax(probs, labels, weights)
+  xp = jnp if jax_in else np
+  if head:
+    both = xp.asarray(probs)
+    labels = xp.reshape(xp.asarray(labels), both.shape[:-1])
+    lesion = both[..., 1]
+  else:
+    lesion = probs
+  if jax_in:
+    p, y, w = _device_inputs(lesion, labels, weights, fn)
+  else:
+    p, y, w = _host_inputs(lesion, labels, weights, fn)
+  if not head:
+    return p, p, y, w, False
+  pred = both.astype(p.dtype)
+  if not jax_in and not np.isfinite(pred).all():
+    raise ValueError(f"metrics.{fn}: probs contain NaN or inf")
+  return pred, p, y, w, True
+
+
 def paper_miou_stats(
   probs: ArrayLike,
   labels: ArrayLike,
@@ -210,34 +261,64 @@ def paper_miou_stats(
   weights: ArrayLike | None = None,
   paper_channels: int = 2,
   smooth: float = PAPER_SMOOTH,
+  thresholds: ArrayLike | None = None,
 ) -> dict[str, Any]:
-  """Sufficient statistics of the soft `paper_miou`: sum of per-pixel `paper_jaccard` and count.
+  """Sufficient statistics of `paper_miou`: sum of per-pixel `paper_jaccard` and pixel count.
+
+  Two layouts of `probs` (see `paper_miou`): the lesion map (...) with labels (...), or both
+  channels of the authors' head (..., 2) with labels (...) or (..., 1).
 
   Args:
-    probs: (...) float lesion probabilities (used as given, not thresholded).
-    labels: (...) {0, 1} mask.
-    weights: optional pixel weights broadcastable to `probs.shape`.
-    paper_channels: 2 = (background, lesion) one-hot as the authors; 1 = lesion only.
+    probs: (...) float lesion probabilities, or (..., 2) (background, lesion) head outputs.
+    labels: (...) {0, 1} lesion mask ((..., 1) allowed with a (..., 2) head).
+    weights: optional pixel weights broadcastable to the pixel shape (...).
+    paper_channels: 2 = (background, lesion) as the authors; 1 = the lesion channel alone.
     smooth: the smoothing constant.
+    thresholds: None = on the probabilities as given (soft); (T,) = on the binarised
+      prediction at each threshold (`>= t`, each head channel on its own).
 
   Returns:
-    {'paper_jaccard_sum': scalar, 'pixel_count': scalar (count or weight sum)};
-    float64 on the host, float32 under jax.
+    {'paper_jaccard_sum': scalar, or (T,) with thresholds; 'pixel_count': scalar (count or
+    weight sum)}; float64 on the host, float32 under jax.
   """
-  if _is_jax(probs, labels, weights):
-    p, y, w = _device_inputs(probs, labels, weights, "paper_miou_stats")
-    xp = jnp
-    y = y.astype(p.dtype)
+  if paper_channels not in (1, 2):
+    raise ValueError(
+      f"metrics.paper_miou_stats: paper_channels must be 1 or 2, got {paper_channels}"
+    )
+  pred, p, y, w, head = _paper_inputs(probs, labels, weights, "paper_miou_stats")
+  xp = jnp if _is_jax(pred, y) else np
+  dtype = p.dtype if xp is jnp else np.float64
+  # (..., C) predicted channels, still in the probs' dtype (thresholds compare there).
+  if head:
+    # The head's own channels: (..., 2), or its lesion channel alone.
+    raw = pred if paper_channels == 2 else pred[..., 1:]
   else:
-    p, y, w = _host_inputs(probs, labels, weights, "paper_miou_stats")
-    xp = np
-    p, y = p.astype(np.float64), y.astype(np.float64)
-  jac = paper_jaccard(
-    _paper_channels(y, paper_channels, xp), _paper_channels(p, paper_channels, xp), smooth
-  )
-  if w is None:
-    return {"paper_jaccard_sum": xp.sum(jac), "pixel_count": xp.asarray(p.size, jac.dtype)}
-  return {"paper_jaccard_sum": xp.sum(jac * w), "pixel_count": xp.sum(w)}
+    raw = p[..., None]
+  true = _paper_channels(y.astype(dtype), paper_channels, xp)  # (..., C): the script's label_test
+  if thresholds is None:
+    if head:
+      soft = raw.astype(dtype)
+    else:
+      soft = _paper_channels(p.astype(dtype), paper_channels, xp)  # (1 - x, x) from the lesion map
+    jac = paper_jaccard(true, soft, smooth)  # (...)
+    total = xp.sum(jac if w is None else jac * w)
+  else:
+    if _is_jax(thresholds):
+      thr = jnp.asarray(thresholds)
+    else:
+      thr = _check_thresholds(thresholds, "paper_miou_stats")
+    thr = xp.asarray(thr).astype(p.dtype)
+    if head:
+      # The script: every channel binarised on its own, `y_pred > tr` over the channel axis.
+      bin_pred = (raw[..., None, :] >= thr[:, None]).astype(dtype)  # (..., T, C)
+    else:
+      b = (p[..., None] >= thr).astype(dtype)  # (..., T)
+      bin_pred = _paper_channels(b, paper_channels, xp)  # (..., T, C) = (1 - b, b) or (b,)
+    jac = paper_jaccard(xp.broadcast_to(true[..., None, :], bin_pred.shape), bin_pred, smooth)
+    wj = jac if w is None else jac * w[..., None]
+    total = xp.sum(wj, axis=tuple(range(jac.ndim - 1)))  # (T,)
+  count = xp.asarray(y.size, total.dtype) if w is None else xp.sum(w).astype(total.dtype)
+  return {"paper_jaccard_sum": total, "pixel_count": count}
 
 
 def paper_miou(
@@ -256,24 +337,46 @@ def paper_miou(
   100 / 102 = 0.980, and predicting nothing on slices with 2% lesion pixels
   scores 0.9996. Report `iou` / `class_mean_iou` for segmentation quality.
 
+  Two layouts of `probs`:
+
+    * (..., 2), both sigmoid outputs of the authors' head (channel 0 background,
+      channel 1 lesion), labels (...) or (..., 1): the script exactly. Targets
+      (1 - y, y); at a threshold EACH channel is binarised on its own (the
+      background channel too), so a pixel may be predicted as both or neither.
+    * (...), the lesion map alone (1-output head), labels (...): the script
+      applied to a head whose background output is 1 minus the binarised lesion
+      output, i.e. the prediction (1 - b, b) with b = (x >= t). For a 2-channel
+      head this equals the script only where the background channel crosses t
+      exactly where 1 - lesion does (e.g. complementary channels at t = 0.5).
+
+  Thresholding is `>= t` (the module rule); the script's `> t` differs only for
+  outputs exactly equal to t.
+
   Args:
-    probs: (...) float lesion probabilities.
-    labels: (...) {0, 1} mask.
+    probs: (...) float lesion probabilities, or (..., 2) head outputs.
+    labels: (...) {0, 1} lesion mask ((..., 1) allowed with a (..., 2) head).
     threshold: None = on the probabilities (`paper_miou_soft`); a float = on
-      `probs >= threshold` (the authors' table).
-    weights: optional pixel weights broadcastable to `probs.shape`.
-    paper_channels: 2 (authors' background + lesion one-hot) or 1 (lesion only).
+      the binarised prediction at that threshold (the authors' table).
+    weights: optional pixel weights broadcastable to the pixel shape (...).
+    paper_channels: 2 (background + lesion, as the authors) or 1 (lesion only).
     smooth: the smoothing constant.
 
   Returns:
     The weighted pixel mean as a Python float (NaN for zero pixels / weight).
   """
-  p, y, w = _host_inputs(probs, labels, weights, "paper_miou")
-  if threshold is not None:
-    p = (p >= np.asarray(threshold, p.dtype)).astype(p.dtype)
-  stats = paper_miou_stats(p, y, weights=w, paper_channels=paper_channels, smooth=smooth)
+  thresholds = None if threshold is None else [float(threshold)]
+  # On the host in float64, also for jax inputs.
+  stats = paper_miou_stats(
+    np.asarray(probs),
+    np.asarray(labels),
+    weights=None if weights is None else np.asarray(weights),
+    paper_channels=paper_channels,
+    smooth=smooth,
+    thresholds=thresholds,
+  )
+  jac_sum = float(np.sum(np.asarray(stats["paper_jaccard_sum"], np.float64)))
   count = float(stats["pixel_count"])
-  return float(stats["paper_jaccard_sum"]) / count if count > 0 else float("nan")
+  return jac_sum / count if count > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------- counts to ratios
@@ -361,22 +464,34 @@ def threshold_metrics(
   """The paper's table in one shot, pooled over all pixels (host side; in jit use `batch_stats`).
 
   Args:
-    probs: (...) float lesion probabilities, numpy or (concrete) jax.
-    labels: (...) {0, 1} mask, same shape.
+    probs: (...) float lesion probabilities, numpy or (concrete) jax; or (..., 2) both
+      channels of the authors' head: the counts then use channel 1 (lesion) and
+      'paper_miou' follows the script channel by channel (see `paper_miou`).
+    labels: (...) {0, 1} mask ((..., 1) allowed with a (..., 2) head).
     thresholds: (T,) thresholds, default 0.1, ..., 0.9.
-    weights: optional pixel weights broadcastable to `probs.shape`.
+    weights: optional pixel weights broadcastable to the pixel shape.
     zero_division, paper_channels, smooth: see `metrics_from_counts`.
 
   Returns:
     `TABLE_KEYS` -> (T,) float64 arrays ('threshold' first).
   """
   thr = _check_thresholds(thresholds, "threshold_metrics")
-  counts = confusion_counts(
-    np.asarray(probs), np.asarray(labels), thr, None if weights is None else np.asarray(weights)
-  )
-  return metrics_from_counts(
+  probs, labels = np.asarray(probs), np.asarray(labels)
+  w = None if weights is None else np.asarray(weights)
+  head = is_paper_head(probs, labels)
+  lesion = probs[..., 1] if head else probs
+  counts = confusion_counts(lesion, labels.reshape(lesion.shape) if head else labels, thr, w)
+  out = metrics_from_counts(
     {"threshold": thr, **counts},
     zero_division=zero_division,
     paper_channels=paper_channels,
     smooth=smooth,
   )
+  if head:
+    # The counts-based value assumes a background output of 1 - lesion; the head has its own.
+    stats = paper_miou_stats(
+      probs, labels, weights=w, paper_channels=paper_channels, smooth=smooth, thresholds=thr
+    )
+    n = float(stats["pixel_count"])
+    out["paper_miou"] = _ratio(stats["paper_jaccard_sum"], np.full(thr.shape, n), zero_division)
+  return out
