@@ -62,15 +62,18 @@ def _drop_checkpoints(workdir, from_step):
 
 def _assert_same_run(straight, workdir):
   """Same latest checkpoints and the same single best checkpoint, bit for bit."""
-  assert _steps(os.path.join(workdir, "checkpoints")) == _steps(os.path.join(straight,
-                                                                             "checkpoints"))
+  assert _steps(os.path.join(workdir, "checkpoints")) == _steps(
+    os.path.join(straight, "checkpoints")
+  )
   for s in _steps(os.path.join(straight, "checkpoints")):
-    _assert_same_state(os.path.join(straight, "checkpoints", str(s)),
-                       os.path.join(workdir, "checkpoints", str(s)))
+    _assert_same_state(
+      os.path.join(straight, "checkpoints", str(s)), os.path.join(workdir, "checkpoints", str(s))
+    )
   (best,) = _steps(os.path.join(straight, "best"))
   assert _steps(os.path.join(workdir, "best")) == [best]
-  _assert_same_state(os.path.join(straight, "best", str(best)),
-                     os.path.join(workdir, "best", str(best)))
+  _assert_same_state(
+    os.path.join(straight, "best", str(best)), os.path.join(workdir, "best", str(best))
+  )
 
 
 def test_best_ahead_of_latest_resumes_and_keeps_best(short_config, straight, tmp_path):
@@ -136,8 +139,11 @@ def test_changed_model_field_on_resume_is_refused(short_config, tmp_path):
   short_config.train.stop_after_steps = 2
   train.train_and_evaluate(short_config, workdir)
   short_config.loss.tv_weight = 0.5
-  with pytest.raises(ValueError, match=r"^config field loss.tv_weight may not change on resume: "
-                                       r"checkpoint 0.1, now 0.5"):
+  with pytest.raises(
+    ValueError,
+    match=r"^config field loss.tv_weight may not change on resume: "
+    r"checkpoint 0.1, now 0.5",
+  ):
     train.train_and_evaluate(short_config, workdir)
   short_config.loss.tv_weight = 0.1
   short_config.model.dropout = 0.3
@@ -150,12 +156,16 @@ def test_changed_model_field_on_resume_is_refused(short_config, tmp_path):
 
 def test_config_rules_hand_cases():
   saved = {"seed": 0, "train": {"num_steps": 4, "global_batch_size": 8}, "data": {"x": (1, 2)}}
-  assert resume.config_changes(saved, {"seed": 0, "train": {"num_steps": 9, "global_batch_size": 8},
-                                       "data": {"x": [1, 2]}}) == [("train.num_steps", 4, 9)]
+  assert resume.config_changes(
+    saved, {"seed": 0, "train": {"num_steps": 9, "global_batch_size": 8}, "data": {"x": [1, 2]}}
+  ) == [("train.num_steps", 4, 9)]
   with pytest.raises(ValueError, match="train.global_batch_size may not change"):
-    resume.config_changes(saved, {"seed": 0, "train": {"num_steps": 4, "global_batch_size": 16},
-                                  "data": {"x": [1, 2]}})
-  with pytest.raises(ValueError, match="model.extra may not change on resume: checkpoint '<absent>'"):
+    resume.config_changes(
+      saved, {"seed": 0, "train": {"num_steps": 4, "global_batch_size": 16}, "data": {"x": [1, 2]}}
+    )
+  with pytest.raises(
+    ValueError, match="model.extra may not change on resume: checkpoint '<absent>'"
+  ):
     resume.config_changes(saved, {**saved, "model": {"extra": 1}})
 
 
@@ -191,8 +201,12 @@ def _kill_when(cmd, appears, timeout=120.0):
 
 
 def _leftovers(root):
-  return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files
-          if n.startswith(".tmp-") or n.startswith("incomplete.")]
+  return [
+    os.path.join(d, n)
+    for d, dirs, files in os.walk(root)
+    for n in dirs + files
+    if n.startswith(".tmp-") or n.startswith("incomplete.")
+  ]
 
 
 @pytest.mark.slow
@@ -201,8 +215,10 @@ def test_killed_phantom_and_tfds_build_recover(tiny_data, tmp_path):
   cmd = [sys.executable, "-c", _PREPARE, manual, data]
 
   def phantom_started():
-    return any(n.startswith(".tmp-medseg_phantom-") and os.listdir(os.path.join(tmp_path, n))
-               for n in os.listdir(tmp_path))
+    return any(
+      n.startswith(".tmp-medseg_phantom-") and os.listdir(os.path.join(tmp_path, n))
+      for n in os.listdir(tmp_path)
+    )
 
   assert _kill_when(cmd, phantom_started), "the phantom was never seen being written"
   assert not os.path.exists(manual)  # a killed phantom never appears under its final name
@@ -216,14 +232,16 @@ def test_killed_phantom_and_tfds_build_recover(tiny_data, tmp_path):
   assert _kill_when(cmd, tfds_started), "the TFDS build was never seen running"
   assert os.path.isdir(manual)
   cfg_name = "paper_128"
-  input_pipeline.prepare_dataset(manual, data, cfg_name,
-                                 phantom={"seed": 0})  # manual_dir is complete: not regenerated
+  input_pipeline.prepare_dataset(
+    manual, data, cfg_name, phantom={"seed": 0}
+  )  # manual_dir is complete: not regenerated
   assert not _leftovers(str(tmp_path)), _leftovers(str(tmp_path))
   for split in ("train", "validation", "test"):
     got, ref = (input_pipeline.load_split(d, cfg_name, split) for d in (data, tiny_data[1]))
     assert len(got) == len(ref)
-    key = lambda src: sorted((str(src[i]["volume_id"]), int(src[i]["slice_index"]), i)
-                             for i in range(len(src)))
+    key = lambda src: sorted(
+      (str(src[i]["volume_id"]), int(src[i]["slice_index"]), i) for i in range(len(src))
+    )
     for (_, _, i), (_, _, j) in zip(key(got), key(ref)):
       np.testing.assert_array_equal(got[i]["image"], ref[j]["image"])
       np.testing.assert_array_equal(got[i]["mask"], ref[j]["mask"])
@@ -233,21 +251,72 @@ def test_killed_phantom_and_tfds_build_recover(tiny_data, tmp_path):
 
 
 def _main_cmd(workdir):
-  return [sys.executable, "-m", "tvunet_jax.main", "--config", "experiments/configs/tiny.py",
-          "--workdir", workdir, "--config.train.num_steps=8", "--config.data.test_split="]
+  return [
+    sys.executable,
+    "-m",
+    "tvunet_jax.main",
+    "--config",
+    "experiments/configs/tiny.py",
+    "--workdir",
+    workdir,
+    "--config.train.num_steps=16",
+    "--config.data.test_split=",
+  ]
+
+
+def _steps_or_empty(folder):
+  return _steps(folder) if os.path.isdir(folder) else []
+
+
+def _triggers(workdir):
+  """Named moments of the main job, each a predicate on what is on disk right now. The first
+  start generates the data, later ones resume; a trigger that cannot happen in a start is
+  replaced by a random time."""
+  data = os.path.join(workdir, "data")
+  ckpt, best = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "best")
+
+  def tmp_in(folder):
+    return os.path.isdir(folder) and any("tmp" in n for n in os.listdir(folder))
+
+  def phantom_writing():
+    return os.path.isdir(data) and any(
+      n.startswith(".tmp-medseg_phantom-") for n in os.listdir(data)
+    )
+
+  def tfds_building():
+    root = os.path.join(data, "tfds", "covid19_ct_seg")
+    return os.path.isdir(root) and any(
+      n.startswith("incomplete.") for _, ds, _ in os.walk(root) for n in ds
+    )
+
+  start = set(_steps_or_empty(ckpt))
+  return {
+    "phantom being written": phantom_writing,
+    "TFDS build running": tfds_building,
+    "latest checkpoint being saved": lambda: tmp_in(ckpt),
+    "best checkpoint being saved": lambda: tmp_in(best),
+    "latest committed, best not (between the saves)": lambda: bool(
+      set(_steps_or_empty(ckpt)) - start
+      and max(_steps_or_empty(ckpt)) > max(_steps_or_empty(best) or [-1])
+    ),
+    "right after a new checkpoint": lambda: bool(set(_steps_or_empty(ckpt)) - start),
+  }
 
 
 def _window(workdir):
   """A description of where a kill landed, read from what is on disk."""
   parts = []
   for sub in ("data/medseg_phantom", "data/tfds"):
-    parts.append(f"{sub.split('/')[-1]}={'yes' if os.path.isdir(os.path.join(workdir, sub)) else 'no'}")
+    parts.append(
+      f"{sub.split('/')[-1]}={'yes' if os.path.isdir(os.path.join(workdir, sub)) else 'no'}"
+    )
   for manager in ("checkpoints", "best"):
     folder = os.path.join(workdir, manager)
     if os.path.isdir(folder):
       names = os.listdir(folder)
-      parts.append(f"{manager}={_steps(folder)}"
-                   + ("+tmp" if any("tmp" in n for n in names) else ""))
+      parts.append(
+        f"{manager}={_steps(folder)}" + ("+tmp" if any("tmp" in n for n in names) else "")
+      )
   return " ".join(parts)
 
 
@@ -263,23 +332,39 @@ def test_randomized_sigkill_loop_ends_bit_identical(tmp_path):
   duration = time.monotonic() - t0
   rng = random.Random(int(os.environ.get("TVUNET_KILL_SEED", "0")))
   workdir = str(tmp_path / "killed")
-  windows, kills = [], 0
-  for _ in range(12):
-    if kills >= 5:
+  windows = []
+  for start in range(12):
+    if len(windows) >= 6:
       break
-    proc = subprocess.Popen(_main_cmd(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-      proc.wait(timeout=rng.uniform(0.1, 0.8) * duration)
+    triggers = _triggers(workdir)
+    names = list(triggers)[:2] if start == 0 else list(triggers)[2:] + ["random time"]
+    name = rng.choice(names)
+    deadline = time.monotonic() + rng.uniform(0.1, 0.9) * duration  # the fallback moment
+    proc = subprocess.Popen(
+      _main_cmd(workdir),
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+      start_new_session=True,
+    )
+    fired = None
+    while proc.poll() is None:
+      if name in triggers and triggers[name]():
+        fired = name
+      elif time.monotonic() > deadline:
+        fired = f"random time (waiting for: {name})"
+      if fired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        windows.append(f"{fired}: {_window(workdir)}")
+        break
+      time.sleep(0.002)
+    if not fired:
       assert proc.returncode == 0, f"a start failed after kills at: {windows}"
       break  # finished before the kill: nothing left to interrupt
-    except subprocess.TimeoutExpired:
-      os.killpg(proc.pid, signal.SIGKILL)
-      proc.wait()
-      kills += 1
-      windows.append(_window(workdir))
   print("\nkill windows:\n  " + "\n  ".join(windows))
   final = subprocess.run(_main_cmd(workdir), cwd=ROOT, env=env, capture_output=True, text=True)
   assert final.returncode == 0, final.stderr[-2000:]
-  assert kills >= 5, windows  # the loop must actually have interrupted the job
+  assert len(windows) >= 5, windows  # the loop must actually have interrupted the job
   _assert_same_run(straight, workdir)
