@@ -1,4 +1,4 @@
-"""The PyTorch peer of the TV-UNet train step, imported only by `experiments/benchmark.py`.
+"""The PyTorch peer of the TV-UNet train step, imported only by the benchmark's PyTorch children.
 
 It owns one thing: the same network, loss and optimizer as `tvunet_jax` written in PyTorch at its
 best on a CPU (channels_last memory format, all cores, bf16 autocast when comparing bf16), so that
@@ -32,8 +32,10 @@ BN_MOMENTUM = 0.01  # PyTorch weights the new batch by momentum: 1 - 0.99 of Ker
 
 
 def set_threads() -> int:
-  """Uses every core for intra-op threads (PyTorch's default may use fewer); returns the count."""
-  torch.set_num_threads(os.cpu_count() or 1)
+  """One intra-op thread per CPU this process may run on (its affinity mask: a container or
+  `taskset` may allow fewer CPUs than `os.cpu_count()` reports); returns the count."""
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(cpus or 1)
   return torch.get_num_threads()
 
 
@@ -44,10 +46,9 @@ class ConvBlock(nn.Sequential):
     layers = []
     for i in range(2):
       layers += [
-          nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1,
-                    bias=True),
-          nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=bn_momentum),
-          nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1, bias=True),
+        nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=bn_momentum),
+        nn.ReLU(inplace=True),
       ]
     super().__init__(*layers)
 
@@ -64,12 +65,21 @@ class TorchUNet(nn.Module):
     bn_momentum: PyTorch's BatchNorm momentum, 1 - the flax/Keras one (0.01 = Keras' 0.99).
   """
 
-  def __init__(self, base: int = 64, depth: int = 4, dropout: float = 0.2, num_outputs: int = 1,
-               in_channels: int = 1, bn_momentum: float = BN_MOMENTUM):
+  def __init__(
+    self,
+    base: int = 64,
+    depth: int = 4,
+    dropout: float = 0.2,
+    num_outputs: int = 1,
+    in_channels: int = 1,
+    bn_momentum: float = BN_MOMENTUM,
+  ):
     super().__init__()
     if depth < 1 or base < 1 or num_outputs < 1:
-      raise ValueError(f"TorchUNet: depth, base and num_outputs must be >= 1, got depth={depth}, "
-                       f"base={base}, num_outputs={num_outputs}")
+      raise ValueError(
+        f"TorchUNet: depth, base and num_outputs must be >= 1, got depth={depth}, "
+        f"base={base}, num_outputs={num_outputs}"
+      )
     self.depth = depth
     widths = [base * 2**level for level in range(depth + 1)]
     self.down = nn.ModuleList()
@@ -81,8 +91,11 @@ class TorchUNet(nn.Module):
     self.upsample = nn.ModuleList()
     self.up = nn.ModuleList()
     for level in reversed(range(depth)):
-      self.upsample.append(nn.ConvTranspose2d(widths[level + 1], widths[level], 3, stride=2,
-                                              padding=1, output_padding=1, bias=True))
+      self.upsample.append(
+        nn.ConvTranspose2d(
+          widths[level + 1], widths[level], 3, stride=2, padding=1, output_padding=1, bias=True
+        )
+      )
       self.up.append(ConvBlock(2 * widths[level], widths[level], bn_momentum))
     self.head = nn.Conv2d(base, num_outputs, 1)
     self.pool = nn.MaxPool2d(2)
@@ -91,8 +104,10 @@ class TorchUNet(nn.Module):
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     """(B, in_channels, H, W) -> (B, num_outputs, H, W) logits; H, W divisible by 2**depth."""
     if x.ndim != 4 or x.shape[2] % 2**self.depth or x.shape[3] % 2**self.depth:
-      raise ValueError(f"TorchUNet: input must be (B, C, H, W) with H and W divisible by "
-                       f"{2**self.depth}, got shape {tuple(x.shape)}")
+      raise ValueError(
+        f"TorchUNet: input must be (B, C, H, W) with H and W divisible by "
+        f"{2**self.depth}, got shape {tuple(x.shape)}"
+      )
     skips = []
     for block in self.down:
       x = block(x)
@@ -112,8 +127,11 @@ def count_params(model: nn.Module) -> tuple[int, int]:
   second `count_params(variables['batch_stats'])`; `num_batches_tracked` counters are not counted.
   """
   trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-  stats = sum(m.running_mean.numel() + m.running_var.numel()
-              for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+  stats = sum(
+    m.running_mean.numel() + m.running_var.numel()
+    for m in model.modules()
+    if isinstance(m, nn.BatchNorm2d)
+  )
   return trainable, stats
 
 
@@ -139,9 +157,15 @@ def make_optimizer(model: nn.Module, learning_rate: float = 1e-3) -> torch.optim
   return torch.optim.Adam(model.parameters(), lr=learning_rate)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, *, tv_weight: float,
-               autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+def train_step(
+  model: nn.Module,
+  optimizer: torch.optim.Optimizer,
+  images: torch.Tensor,
+  labels: torch.Tensor,
+  *,
+  tv_weight: float,
+  autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
   """One Adam step on a batch; returns the detached loss (reading it synchronises nothing on CPU).
 
   Args:
@@ -152,8 +176,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch
   """
   model.train()
   optimizer.zero_grad(set_to_none=True)
-  with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
-                      enabled=autocast_dtype is not None):
+  with torch.autocast(
+    "cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+  ):
     logits = model(images)
   loss = tv_bce_loss(logits, labels, tv_weight)
   loss.backward()

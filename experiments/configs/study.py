@@ -1,4 +1,4 @@
-"""The reproduction study's recipe (issue 18): BCE (+ TV) on the phantom, one budget for every variant.
+"""The reproduction study's recipe (issue 18): BCE (+ TV) on the phantom, one budget for all arms.
 
   python -m experiments.reproduce --out experiments/results [--seeds 5] [--backend_check]
 
