@@ -5,8 +5,9 @@ precision HIGHEST, and a float64 numpy loop):
 
   * `winograd_conv`: forward, input gradient and weight gradient on shapes that cross every edge
     of the algorithm (H, W not multiples of the 4x4 tile, a 1x1 image, channel counts across the
-    64-channel vector blocks, batch 1), within the float32 rounding the transforms add (5e-5
-    relative; the direct kernels are held to 1e-5);
+    64-channel vector blocks, batch 1) and at the paper model's widest layers (512 and 1024
+    channels), within the float32 rounding the transforms add (5e-5 relative; the direct kernels
+    are held to 1e-5);
   * under an 8-device data mesh (per-shard kernels, the weight gradient summed once);
   * `use_winograd`: which layers the 'auto' rule picks for the paper model, the 'off'/'all'
     modes, what never qualifies (bf16, other kernels or pads), a misspelt mode;
@@ -26,15 +27,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tvunet_jax import models
+from tests.test_kernels import (
+  NHWC,
+  _assert_trees_close,
+  _fwd_and_grads,
+  _normal,
+  _ref_conv,
+  _rel_err,
+  _tiny_unet,
+  needs_onednn,
+  onednn_library,  # noqa: F401  (the fixture `needs_onednn` names)
+)
 from tvunet_jax import sharding
 from tvunet_jax.kernels import conv
-from tests.test_kernels import (NHWC, _assert_trees_close, _fwd_and_grads, _normal, _ref_conv,
-                                _rel_err, _tiny_unet, needs_onednn, onednn_library)  # noqa: F401
 
 SAME = (1, 1, 1, 1)
 RTOL = 5e-5  # F(4x4, 3x3) measured 1e-6..2e-5 on these shapes (the direct kernels: ~1e-6)
-WINOGRAD = 'tvunet_winograd_'
+WINOGRAD = "tvunet_winograd_"
 
 
 @pytest.fixture(autouse=True)
@@ -45,26 +54,51 @@ def _clean_env(monkeypatch):
 
 
 CASES = {  # (x shape, Co)
-    'tiles_exact': ((2, 8, 8, 4), 8),
-    'ragged_tiles_odd_channels': ((1, 13, 9, 5), 7),
-    'one_pixel': ((1, 1, 1, 3), 2),
-    'tall_narrow_batch3': ((3, 17, 4, 8), 16),
-    'channels_across_blocks': ((2, 8, 8, 130), 129),
-    'one_input_channel': ((1, 6, 7, 1), 64),
-    # 128 tiles and 128 channels: the weight gradient sums 128 tiles per coefficient, as a real
-    # layer does (the rounding grows with the sum's length)
-    'many_tiles_128ch': ((2, 32, 32, 128), 128),
+  "tiles_exact": ((2, 8, 8, 4), 8),
+  "ragged_tiles_odd_channels": ((1, 13, 9, 5), 7),
+  "one_pixel": ((1, 1, 1, 3), 2),
+  "tall_narrow_batch3": ((3, 17, 4, 8), 16),
+  "channels_across_blocks": ((2, 8, 8, 130), 129),
+  "one_input_channel": ((1, 6, 7, 1), 64),
+  # 128 tiles and 128 channels: the weight gradient sums 128 tiles per coefficient, as a real
+  # layer does (the rounding grows with the sum's length)
+  "many_tiles_128ch": ((2, 32, 32, 128), 128),
 }
 
 
 @needs_onednn
-@pytest.mark.parametrize('x_shape,co', CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("x_shape,co", CASES.values(), ids=CASES.keys())
 def test_winograd_matches_lax(x_shape, co):
   x, w = _normal(0, x_shape), _normal(1, (3, 3, x_shape[3], co)) / np.sqrt(9 * x_shape[3])
   cot = _normal(2, (*x_shape[:3], co))
   got = jax.jit(functools.partial(_fwd_and_grads, conv.winograd_conv))(x, w, cot)
   want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, SAME)))(x, w, cot)
-  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+  for name, g, r in zip(("y", "dx", "dw"), got, want):
+    assert g.shape == r.shape and g.dtype == jnp.float32, (name, g.shape, g.dtype)
+    assert _rel_err(g, r) <= RTOL, (name, _rel_err(g, r))
+
+
+# The paper model's widest 3x3 convs (issue #18), batch 2: level 3 (16x16, 512 -> 512), the
+# bottleneck's first and second convs (8x8, 512 -> 1024 and 1024 -> 1024). The longest sums the
+# transforms round: 9 * 1024 products per output.
+WIDE_CASES = {
+  "level3_16px_512to512": ((2, 16, 16, 512), 512),
+  "bottleneck_8px_512to1024": ((2, 8, 8, 512), 1024),
+  "bottleneck_8px_1024to1024": ((2, 8, 8, 1024), 1024),
+}
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape,co", WIDE_CASES.values(), ids=WIDE_CASES.keys())
+def test_winograd_matches_lax_at_the_widest_layers(x_shape, co):
+  """Forward, input gradient and weight gradient at 512 and 1024 channels, within the same
+  rounding bound as the small shapes (RTOL against lax at precision HIGHEST)."""
+  ci = x_shape[3]
+  x, w = _normal(10, x_shape), _normal(11, (3, 3, ci, co)) / np.sqrt(9 * ci)
+  cot = _normal(12, (*x_shape[:3], co))
+  got = jax.jit(functools.partial(_fwd_and_grads, conv.winograd_conv))(x, w, cot)
+  want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, SAME)))(x, w, cot)
+  for name, g, r in zip(("y", "dx", "dw"), got, want):
     assert g.shape == r.shape and g.dtype == jnp.float32, (name, g.shape, g.dtype)
     assert _rel_err(g, r) <= RTOL, (name, _rel_err(g, r))
 
@@ -76,8 +110,8 @@ def _numpy_conv_same(x, w):
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   y = np.zeros((n, h, wd, w.shape[3]))
   for k in range(3):
-    for l in range(3):
-      y += np.einsum('nhwc,co->nhwo', xp[:, k:k + h, l:l + wd], w[k, l])
+    for j in range(3):
+      y += np.einsum("nhwc,co->nhwo", xp[:, k : k + h, j : j + wd], w[k, j])
   return y
 
 
@@ -95,7 +129,7 @@ def test_winograd_matches_numpy_and_its_gradients_are_the_adjoints():
 
 
 @needs_onednn
-@pytest.mark.parametrize('batch', [8, 6])
+@pytest.mark.parametrize("batch", [8, 6])
 def test_winograd_under_a_data_mesh_matches_lax(batch):
   """8 devices: batch 8 runs one row per device and psums the weight gradient (a missing or
   doubled reduction is off by a factor); batch 6 does not divide and runs unsplit."""
@@ -104,17 +138,17 @@ def test_winograd_under_a_data_mesh_matches_lax(batch):
   x = jax.device_put(_normal(0, (batch, 6, 5, 3)), rows)
   w = _normal(1, (3, 3, 3, 4))
   cot = jax.device_put(_normal(2, (batch, 6, 5, 4)), rows)
-  got = sharding.under_mesh(
-      mesh, jax.jit(functools.partial(_fwd_and_grads, conv.winograd_conv)))(x, w, cot)
+  per_shard = functools.partial(conv.winograd_conv, axis_name=sharding.DATA_AXIS)
+  got = sharding.under_mesh(mesh, jax.jit(functools.partial(_fwd_and_grads, per_shard)))(x, w, cot)
   want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, SAME)))(x, w, cot)
-  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+  for name, g, r in zip(("y", "dx", "dw"), got, want):
     assert _rel_err(g, r) <= RTOL, (name, batch, _rel_err(g, r))
 
 
 def test_winograd_conv_rejects_what_it_does_not_compute():
-  with pytest.raises(ValueError, match='winograd_conv takes float32'):
+  with pytest.raises(ValueError, match="winograd_conv takes float32"):
     conv.winograd_conv(jnp.zeros((1, 4, 4, 2), jnp.bfloat16), jnp.zeros((3, 3, 2, 2), jnp.bfloat16))
-  with pytest.raises(ValueError, match=r'\(3, 3, Ci, Co\) kernel'):
+  with pytest.raises(ValueError, match=r"\(3, 3, Ci, Co\) kernel"):
     conv.winograd_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 1, 2, 2)))
 
 
@@ -122,18 +156,18 @@ def test_winograd_conv_rejects_what_it_does_not_compute():
 # first conv and the 64 -> 64 convs of the 128x128 level (Ci*Co/(Ci+Co) = 32 < 40), as measured
 # by the benchmark's per-layer table; the 8x8 bottleneck has 8 * 2 * 2 = 32 tiles, just enough.
 PAPER_LEVELS = {
-    'first_1to64': ((8, 128, 128, 1), (3, 3, 1, 64), False),
-    'level0_128px_64ch': ((8, 128, 128, 64), (3, 3, 64, 64), False),
-    'level1_first_64to128': ((8, 64, 64, 64), (3, 3, 64, 128), True),
-    'level1_64px_128ch': ((8, 64, 64, 128), (3, 3, 128, 128), True),
-    'level2_32px_256ch': ((8, 32, 32, 256), (3, 3, 256, 256), True),
-    'level3_16px_512ch': ((8, 16, 16, 512), (3, 3, 512, 512), True),
-    'bottleneck_8px_1024ch': ((8, 8, 8, 1024), (3, 3, 1024, 1024), True),
-    'bottleneck_batch4': ((4, 8, 8, 1024), (3, 3, 1024, 1024), False),  # 16 tiles
+  "first_1to64": ((8, 128, 128, 1), (3, 3, 1, 64), False),
+  "level0_128px_64ch": ((8, 128, 128, 64), (3, 3, 64, 64), False),
+  "level1_first_64to128": ((8, 64, 64, 64), (3, 3, 64, 128), True),
+  "level1_64px_128ch": ((8, 64, 64, 128), (3, 3, 128, 128), True),
+  "level2_32px_256ch": ((8, 32, 32, 256), (3, 3, 256, 256), True),
+  "level3_16px_512ch": ((8, 16, 16, 512), (3, 3, 512, 512), True),
+  "bottleneck_8px_1024ch": ((8, 8, 8, 1024), (3, 3, 1024, 1024), True),
+  "bottleneck_batch4": ((4, 8, 8, 1024), (3, 3, 1024, 1024), False),  # 16 tiles
 }
 
 
-@pytest.mark.parametrize('x_shape,w_shape,want', PAPER_LEVELS.values(), ids=PAPER_LEVELS.keys())
+@pytest.mark.parametrize("x_shape,w_shape,want", PAPER_LEVELS.values(), ids=PAPER_LEVELS.keys())
 def test_auto_rule_on_the_paper_model(x_shape, w_shape, want):
   assert conv.use_winograd(x_shape, w_shape, jnp.float32, SAME) is want
 
@@ -150,13 +184,13 @@ def test_rule_modes_and_what_never_qualifies(monkeypatch):
   assert not conv.use_winograd(big[0], (2, 2, 256, 256), jnp.float32, (1, 0, 1, 0))
   small = ((1, 4, 4, 2), (3, 3, 2, 3))
   assert not conv.use_winograd(*small, jnp.float32, SAME)
-  monkeypatch.setenv(conv.ENV_WINOGRAD, 'all')
+  monkeypatch.setenv(conv.ENV_WINOGRAD, "all")
   assert conv.use_winograd(*small, jnp.float32, SAME)
   assert not conv.use_winograd(*small, jnp.bfloat16, SAME)
-  monkeypatch.setenv(conv.ENV_WINOGRAD, 'off')
+  monkeypatch.setenv(conv.ENV_WINOGRAD, "off")
   assert not conv.use_winograd(*big, jnp.float32, SAME)
-  monkeypatch.setenv(conv.ENV_WINOGRAD, 'fast')
-  with pytest.raises(ValueError, match='TVUNET_WINOGRAD must be one of'):
+  monkeypatch.setenv(conv.ENV_WINOGRAD, "fast")
+  with pytest.raises(ValueError, match="TVUNET_WINOGRAD must be one of"):
     conv.use_winograd(*big, jnp.float32, SAME)
 
 
@@ -164,44 +198,50 @@ def test_rule_modes_and_what_never_qualifies(monkeypatch):
 def test_drop_in_routes_by_the_rule(monkeypatch):
   """conv_general_dilated('onednn') calls the Winograd kernels exactly where `use_winograd` says
   (checked on the lowered program: shapes only, nothing large runs), with the same numbers."""
-  drop_in = conv.conv_general_dilated('onednn')
-  # A new function per mode: jit caches traces per function, and the mode is read when tracing.
-  fn = lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC)
-  big = (jax.ShapeDtypeStruct((8, 32, 32, 128), jnp.float32),
-         jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32))
+  drop_in = conv.conv_general_dilated("onednn")
+  # A new drop-in per mode: the mode is read when the drop-in is made (`conv.choose`).
+  fn = lambda a, b: drop_in(a, b, (1, 1), "SAME", dimension_numbers=NHWC)
+  big = (
+    jax.ShapeDtypeStruct((8, 32, 32, 128), jnp.float32),
+    jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32),
+  )
   text = jax.jit(fn).lower(*big).as_text()
-  assert WINOGRAD + 'conv' in text and 'tvunet_onednn_conv_fwd' not in text
+  assert WINOGRAD + "conv" in text and "tvunet_onednn_conv_fwd" not in text
   small = (_normal(0, (2, 6, 6, 4)), _normal(1, (3, 3, 4, 5)))
   assert WINOGRAD not in jax.jit(fn).lower(*small).as_text()
-  monkeypatch.setenv(conv.ENV_WINOGRAD, 'all')
-  fn_all = lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC)
-  assert WINOGRAD + 'conv' in jax.jit(fn_all).lower(*small).as_text()
+  monkeypatch.setenv(conv.ENV_WINOGRAD, "all")
+  assert WINOGRAD not in jax.jit(fn).lower(*small).as_text()  # made before: keeps its mode
+  all_in = conv.conv_general_dilated("onednn")
+  fn_all = lambda a, b: all_in(a, b, (1, 1), "SAME", dimension_numbers=NHWC)
+  assert WINOGRAD + "conv" in jax.jit(fn_all).lower(*small).as_text()
   assert _rel_err(jax.jit(fn_all)(*small), _ref_conv(*small, SAME)) <= RTOL
-  monkeypatch.setenv(conv.ENV_WINOGRAD, 'off')
-  fn_off = lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC)
+  monkeypatch.setenv(conv.ENV_WINOGRAD, "off")
+  off_in = conv.conv_general_dilated("onednn")
+  fn_off = lambda a, b: off_in(a, b, (1, 1), "SAME", dimension_numbers=NHWC)
   assert WINOGRAD not in jax.jit(fn_off).lower(*big).as_text()
+  assert conv.choose("onednn").winograd == "off" and conv.choose("xla").winograd == "auto"
 
 
 @needs_onednn
 def test_drop_in_counts_tiles_per_device_under_a_mesh():
   """8x16x16x128 has 128 tiles: Winograd on one device; split over an 8-device data mesh each
   device holds 16 tiles (< 32), so the drop-in keeps the direct kernels there."""
-  drop_in = conv.conv_general_dilated('onednn')
-  fn = jax.jit(lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC))
+  drop_in = conv.conv_general_dilated("onednn", axis_name=sharding.DATA_AXIS)
+  fn = jax.jit(lambda a, b: drop_in(a, b, (1, 1), "SAME", dimension_numbers=NHWC))
   mesh = sharding.make_mesh(8)
   x = jax.ShapeDtypeStruct((8, 16, 16, 128), jnp.float32, sharding=sharding.batch_sharding(mesh))
   w = jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32, sharding=sharding.replicated(mesh))
-  assert WINOGRAD + 'conv' in fn.lower(x, w).as_text()
-  on_mesh = jax.jit(lambda a, b: drop_in(a, b, (1, 1), 'SAME', dimension_numbers=NHWC))
+  assert WINOGRAD + "conv" in fn.lower(x, w).as_text()
+  on_mesh = jax.jit(lambda a, b: drop_in(a, b, (1, 1), "SAME", dimension_numbers=NHWC))
   text = sharding.under_mesh(mesh, on_mesh.lower)(x, w).as_text()
-  assert WINOGRAD not in text and 'tvunet_onednn_conv_fwd' in text
+  assert WINOGRAD not in text and "tvunet_onednn_conv_fwd" in text
 
 
 @needs_onednn
 def test_unet_with_winograd_equals_xla(monkeypatch, tiny_variables):
   """Every 3x3 conv of the tiny U-Net on Winograd (TVUNET_WINOGRAD=all): eval outputs and the
   gradients of a loss agree with XLA's within the transforms' rounding."""
-  monkeypatch.setenv(conv.ENV_WINOGRAD, 'all')
+  monkeypatch.setenv(conv.ENV_WINOGRAD, "all")
   x, target = _normal(0, (2, 16, 16, 1)), _normal(1, (2, 16, 16, 1))
   variables = tiny_variables
 
@@ -209,36 +249,46 @@ def test_unet_with_winograd_equals_xla(monkeypatch, tiny_variables):
     logits = model.apply(variables, x, train=False)
 
     def loss(params):
-      out, _ = model.apply({**variables, 'params': params}, x, train=True,
-                           mutable=['batch_stats'])
-      return jnp.mean((out - target)**2)
+      out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+      return jnp.mean((out - target) ** 2)
 
-    return logits, jax.grad(loss)(variables['params'])
+    return logits, jax.grad(loss)(variables["params"])
 
-  lowered = {b: jax.jit(functools.partial(run, _tiny_unet(b, dropout=0.0))).lower()
-             for b in ('onednn', 'xla')}
-  assert WINOGRAD + 'conv' in lowered['onednn'].as_text()
-  assert WINOGRAD + 'wgrad' in lowered['onednn'].as_text()
-  got, want = (lowered[b].compile()() for b in ('onednn', 'xla'))
+  lowered = {
+    b: jax.jit(functools.partial(run, _tiny_unet(b, dropout=0.0))).lower()
+    for b in ("onednn", "xla")
+  }
+  assert WINOGRAD + "conv" in lowered["onednn"].as_text()
+  assert WINOGRAD + "wgrad" in lowered["onednn"].as_text()
+  got, want = (lowered[b].compile()() for b in ("onednn", "xla"))
   assert _rel_err(got[0], want[0]) <= 2e-4, _rel_err(got[0], want[0])
-  _assert_trees_close(got[1], want[1], 2e-4, 'grads')
+  _assert_trees_close(got[1], want[1], 2e-4, "grads")
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def tiny_variables():
   """The tiny U-Net's variables (one jitted init on an 'rbg' key, as in test_kernels; the
   parameters do not depend on the backend)."""
-  model = _tiny_unet('xla')
+  model = _tiny_unet("xla")
   return jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(0, impl='rbg'), jnp.zeros((1, 16, 16, 1)))
+    jax.random.key(0, impl="rbg"), jnp.zeros((1, 16, 16, 1))
+  )
 
 
 @needs_onednn
 def test_handlers_reject_inconsistent_shapes_with_one_line_error():
   x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
-  with pytest.raises(Exception, match=r'winograd conv: inconsistent shapes x\(1,6,6,2\)'):
-    jax.block_until_ready(jax.jit(lambda a, b: conv._ffi(
-        conv.WINOGRAD_TARGETS[0], a, b, (1, 5, 6, 4), jnp.float32, transposed=np.int64(0)))(x, w))
-  with pytest.raises(Exception, match=r'winograd weight grad: inconsistent shapes'):
-    jax.block_until_ready(jax.jit(lambda a, b: conv._ffi(
-        conv.WINOGRAD_TARGETS[1], a, b, (3, 3, 2, 5), jnp.float32))(x, jnp.ones((1, 6, 6, 4))))
+  with pytest.raises(Exception, match=r"winograd conv: inconsistent shapes x\(1,6,6,2\)"):
+    jax.block_until_ready(
+      jax.jit(
+        lambda a, b: conv._ffi(
+          conv.WINOGRAD_TARGETS[0], a, b, (1, 5, 6, 4), jnp.float32, transposed=np.int64(0)
+        )
+      )(x, w)
+    )
+  with pytest.raises(Exception, match=r"winograd weight grad: inconsistent shapes"):
+    jax.block_until_ready(
+      jax.jit(lambda a, b: conv._ffi(conv.WINOGRAD_TARGETS[1], a, b, (3, 3, 2, 5), jnp.float32))(
+        x, jnp.ones((1, 6, 6, 4))
+      )
+    )
