@@ -512,7 +512,7 @@ def test_predict_from_an_export_equals_the_checkpoint_path(run, exports, tmp_pat
       report = json.load(f)
     results[name] = (np.asarray(nib.load(out / "scan_probs.nii.gz").dataobj),
                      np.asarray(nib.load(out / "scan_mask.nii.gz").dataobj), report)
-  (p_ckpt, m_ckpt, r_ckpt), (p_exp, m_exp, r_exp) = results["checkpoint"], results["export"]
+  (p_ckpt, m_ckpt, _), (p_exp, m_exp, r_exp) = results["checkpoint"], results["export"]
   assert p_ckpt.shape == stored.shape
   np.testing.assert_allclose(p_exp, p_ckpt, atol=1e-4, rtol=0)
   assert np.mean(m_exp != m_ckpt) <= 1e-4

@@ -149,10 +149,11 @@ def restore_variables(path: str, abstract_variables: dict) -> tuple[dict, dict]:
   return restored["state"], meta
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(packages=VERSIONED_PACKAGES) -> dict[str, str]:
+  """Python, platform, JAX backend and the installed version of each of `packages`."""
   out = {"python": platform.python_version(), "platform": platform.platform(),
          "jax_backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
-  for pkg in VERSIONED_PACKAGES:
+  for pkg in packages:
     try:
       out[pkg] = importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:

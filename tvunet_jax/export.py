@@ -35,13 +35,11 @@ import contextlib
 import datetime
 import functools
 import hashlib
-import importlib.metadata
 import io
 import json
 import logging
 import math
 import os
-import platform
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvunet_jax import atomic, exported, models, predict, sharding
+from tvunet_jax import atomic, checkpointing, exported, models, predict, sharding
 from tvunet_jax import contract as contract_lib
 from tvunet_jax.kernels import conv
 
@@ -268,16 +266,6 @@ def _test_metrics(run_dir: str | None) -> dict[str, Any] | None:
     raise ValueError(f"{path}: unreadable test metrics ({type(e).__name__}: {e})") from None
 
 
-def _versions() -> dict[str, str]:
-  out = {"python": platform.python_version()}
-  for pkg in CARD_PACKAGES:
-    try:
-      out[pkg] = importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-      out[pkg] = "not installed"
-  return out
-
-
 def _file_entry(path: str) -> dict[str, Any]:
   with open(path, "rb") as f:
     data = f.read()
@@ -390,7 +378,7 @@ def export_model(
       "config_sha256": _file_entry(config)["sha256"] if config else None,
       "test_metrics": _test_metrics(run_dir),
       "parameters": parameter_fingerprint(variables),
-      "versions": _versions(),
+      "versions": checkpointing.library_versions(CARD_PACKAGES),
       "files": files,
     }
     atomic.write_json(os.path.join(tmp, CARD_FILE), card)

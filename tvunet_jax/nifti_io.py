@@ -141,5 +141,3 @@ def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, *
   with atomic.replacing(path, suffix=suffix) as tmp:
     nib.save(img, tmp)
 
-
-write_text_atomic = atomic.write_text  # TEMPORARY alias while callers move to atomic.write_text

@@ -61,7 +61,6 @@ from tvunet_jax import writers
 
 LESION_CONNECTIVITY = 26  # 3D lesions: voxels touching by a face, an edge or a corner
 NIFTI_ENDINGS = (".nii.gz", ".nii")
-check_contract = contract_lib.check  # TEMPORARY alias for tvunet_jax.exported
 
 # ----------------------------------------------------------------------------- the network
 

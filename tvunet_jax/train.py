@@ -308,10 +308,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- model and state
   model = models.build(config.model)
-  backend = conv.resolve(model.conv_backend)
-  logging.info("convolutions: %s (model.conv_backend %r)%s", backend, model.conv_backend,
-               f"; Winograd 3x3 convs: {conv.winograd_mode()} (${conv.ENV_WINOGRAD})"
-               if backend == "onednn" else "")
+  ops = model.conv_backend  # resolved once, when the model was built (conv.ConvOps)
+  logging.info("convolutions: %s (model.conv_backend %r)%s", ops.backend, config.model.conv_backend,
+               f"; Winograd 3x3 convs: {ops.winograd} (${conv.ENV_WINOGRAD})"
+               if ops.backend == "onednn" else "")
   tx = make_optimizer(t.learning_rate)
   init_fn = functools.partial(create_state, model=model, tx=tx, image_shape=(*image_size, 1))
   rng = jax.random.PRNGKey(config.seed)
