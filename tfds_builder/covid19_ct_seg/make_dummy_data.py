@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from tvunet_jax import nifti_io
+from tvunet_jax import nifti_io, volumes
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dummy_data")
 TR_SLICES = 4
@@ -33,19 +33,20 @@ def _slice(rows: int, cols: int, z: int, lesion_label: int):
 
 
 def main():
-  affine = np.diag([0.8, 0.8, 5.0, 1.0])
+  # ('L', 'A', 'S') affines: the storage MedSeg uses, which the orientation rule reads off them.
+  affine = np.diag([-0.8, 0.8, 5.0, 1.0])
   tr = [_slice(40, 40, z, lesion_label=z % 3) for z in range(TR_SLICES)]
   for name, k, dtype in (("tr_im", 0, np.float64), ("tr_mask", 1, np.float64),
                          ("tr_lungmasks_updated", 2, np.float64)):
     stack = np.stack([s[k] for s in tr], axis=-1).astype(dtype)
-    nifti_io.save_volume(nifti_io.to_storage(stack), affine, os.path.join(HERE, f"{name}.nii.gz"))
+    nifti_io.save_volume(volumes.to_storage(stack), affine, os.path.join(HERE, f"{name}.nii.gz"))
   for n, (rows, cols, depth) in RP_SHAPES.items():
     sl = [_slice(rows, cols, z, lesion_label=(1 if z else 2) if n % 2 else 0) for z in range(depth)]
-    aff = np.diag([0.7, 0.7, 3.0 + n / 10, 1.0])
+    aff = np.diag([-0.7, 0.7, 3.0 + n / 10, 1.0])
     for folder, k, dtype in (("rp_im", 0, np.int16), ("rp_msk", 1, np.float32),
                              ("rp_lung_msk", 2, np.uint8)):
       stack = np.stack([s[k] for s in sl], axis=-1).astype(dtype)
-      nifti_io.save_volume(nifti_io.to_storage(stack), aff, os.path.join(HERE, folder, f"{n}.nii.gz"))
+      nifti_io.save_volume(volumes.to_storage(stack), aff, os.path.join(HERE, folder, f"{n}.nii.gz"))
 
 
 if __name__ == "__main__":
