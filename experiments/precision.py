@@ -25,8 +25,7 @@ import time
 import numpy as np
 
 from experiments.configs import default
-from tvunet_jax import atomic
-from tvunet_jax import train
+from tvunet_jax import atomic, train
 from tvunet_jax.kernels import conv
 
 DTYPES = ("float32", "bfloat16")

@@ -42,7 +42,7 @@ import numpy as np
 
 from experiments.benchmark import steps
 from tvunet_jax import models
-from tvunet_jax.kernels import conv
+from tvunet_jax.kernels import library
 
 # XLA:CPU names a thunk's trace event after its HLO instruction ('ffi_call.113',
 # 'add_maximum_fusion', 'concatenate.7'); runtime bookkeeping and Python frames ('ThunkExecutor::
@@ -73,15 +73,15 @@ _OP_NAMES = (
   "transposed conv forward",
   "transposed conv input grad",
   "transposed conv weight grad",
-)  # conv.TARGETS' ops
+)  # library.TARGETS' ops
 
 
 def _custom_call_targets(hlo: str) -> dict[str, str]:
   """Thunk name -> 'oneDNN <op>' / 'Winograd <op>' for every custom call in optimized HLO text."""
-  names = {target: f"oneDNN {_OP_NAMES[op]}" for op, target in conv.TARGETS.items()}
+  names = {target: f"oneDNN {_OP_NAMES[op]}" for op, target in library.TARGETS.items()}
   # One Winograd target serves the forward pass and the input gradient (its `transposed` flag).
   names.update(
-    zip(conv.WINOGRAD_TARGETS, ("Winograd conv forward / input grad", "Winograd conv weight grad"))
+    zip(library.WINOGRAD_TARGETS, ("Winograd conv forward / input grad", "Winograd conv weight grad"))
   )
   out = {}
   for m in re.finditer(r'%?([\w.\-]+) = [^\n]*custom_call_target="(\w+)"', hlo):

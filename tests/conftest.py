@@ -8,6 +8,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.environ.get("TMPDIR", "/tmp"), "tvunet_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# No machine's measured Winograd table (`python -m tvunet_jax.tune`): the tests pin the ISA rule,
+# whatever a developer has tuned on this machine; tests of the table point this at their own.
+os.environ["TVUNET_WINOGRAD_TABLE"] = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "tvunet_jax_tests_no_winograd_table.json")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
@@ -52,6 +56,7 @@ def random_variables(model, x_shape, seed=0):
   initialisers (no init compile). Biases, BatchNorm scales, offsets and statistics are random too,
   so they are exercised; kernels are He-scaled. Returns numpy arrays."""
   import functools  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

@@ -13,9 +13,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from tvunet_jax import contract as contract_lib
-from tvunet_jax import evaluate
-from tvunet_jax import input_pipeline
-from tvunet_jax import predict
+from tvunet_jax import evaluate, input_pipeline, predict
 
 
 class OracleModel:

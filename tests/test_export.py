@@ -13,8 +13,8 @@ import shutil
 import sys
 
 import jax
-import nibabel as nib
 import jax.numpy as jnp
+import nibabel as nib
 import numpy as np
 import onnx
 import pytest
@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import random_variables, tiny_config_for
 from tvunet_jax import atomic, export, exported, models, predict, sharding
 from tvunet_jax import contract as contract_lib
-from tvunet_jax.kernels import conv
+from tvunet_jax.kernels import conv, library
 
 TOL = 1e-4
 FIXED_BATCH = 3
@@ -214,18 +214,18 @@ def test_stablehlo_is_portable(exports, run, kind):
   text = module.mlir_module()
   assert "stablehlo.convolution" in text
   assert "@tvunet" not in text
-  kernels = {*conv.TARGETS.values(), *conv.WINOGRAD_TARGETS}
+  kernels = {*library.TARGETS.values(), *library.WINOGRAD_TARGETS}
   assert not export.custom_call_targets(text) & kernels
 
 
-@pytest.mark.skipif(not conv.available(), reason="oneDNN kernel library not built")
+@pytest.mark.skipif(not library.available(), reason="oneDNN kernel library not built")
 def test_custom_call_check_sees_onednn_kernels():
   """The check above can fail: a oneDNN model's lowering holds the tvunet targets."""
   model = models.UNet(base=4, depth=2, num_outputs=1, conv_backend="onednn")
   variables = random_variables(model, (1, 32, 32, 1))
   fn = functools.partial(export.network_probabilities, model, variables)
   text = jax.jit(fn).lower(jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32)).as_text()
-  assert conv.TARGETS[0] in export.custom_call_targets(text)
+  assert library.TARGETS[0] in export.custom_call_targets(text)
 
 
 def test_environment_cannot_put_onednn_into_an_export(run, tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tfds_builder.covid19_ct_seg import build
 from tvunet_jax import input_pipeline as ip

@@ -16,7 +16,7 @@ What is pinned, always against references independent of the kernels
     device, with the kernels running per shard (no gathered batch).
 
 Tests that need the built library (`python -m tvunet_jax.kernels.build`) carry
-`needs_onednn`: skipped when `conv.available()` is False, failed instead when
+`needs_onednn`: skipped when `library.available()` is False, failed instead when
 TVUNET_REQUIRE_ONEDNN=1 (CI sets it, so a broken build cannot pass as skips).
 The fallback test runs in a subprocess without the library and runs always.
 
@@ -44,7 +44,7 @@ from jax import lax
 from experiments.configs import tiny
 from tests.conftest import random_variables
 from tvunet_jax import layers, models, sharding, train
-from tvunet_jax.kernels import conv
+from tvunet_jax.kernels import conv, custom_calls, library
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -69,8 +69,8 @@ def onednn_library():
   (Without this, tests comparing 'onednn' against 'xla' would pass vacuously on a machine where
   'onednn' silently resolves to XLA.)
   """
-  if not conv.available():
-    why = conv._state.get("why", "unknown reason")  # pylint: disable=protected-access
+  if not library.available():
+    why = library._state.get("why", "unknown reason")  # pylint: disable=protected-access
     msg = f"oneDNN kernel library unavailable: {why}"
     if REQUIRE_ONEDNN:
       pytest.fail(f"{msg} (TVUNET_REQUIRE_ONEDNN=1)")
@@ -174,7 +174,7 @@ def test_onednn_conv_matches_lax_float32(x_shape, w_shape, pads):
   """
   x, w = _normal(0, x_shape), _normal(1, w_shape)
   cot = _normal(2, _out_shape(x_shape, w_shape, pads))
-  got = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: conv.onednn_conv(a, b, pads)))(
+  got = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: custom_calls.onednn_conv(a, b, pads)))(
     x, w, cot
   )
   want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, pads)))(x, w, cot)
@@ -188,7 +188,7 @@ def test_onednn_conv_matches_numpy():
   """The forward against a plain numpy loop, so the reference itself is not only XLA."""
   x_shape, w_shape, pads = (1, 5, 6, 3), (3, 2, 3, 4), (2, 0, 1, 1)
   x, w = _normal(3, x_shape), _normal(4, w_shape)
-  y = np.asarray(jax.jit(lambda a, b: conv.onednn_conv(a, b, pads))(x, w))
+  y = np.asarray(jax.jit(lambda a, b: custom_calls.onednn_conv(a, b, pads))(x, w))
   xp = np.pad(np.asarray(x, np.float64), ((0, 0), pads[:2], pads[2:], (0, 0)))
   wn = np.asarray(w, np.float64)
   ho, wo = _out_shape(x_shape, w_shape, pads)[1:3]
@@ -212,7 +212,7 @@ def test_float32_kernels_are_optimised(x_shape, w_shape, pads):
   point of the library.
   """
   for op in range(3):
-    impl = conv.impl_info(op, jnp.float32, x_shape, w_shape, pads)
+    impl = library.impl_info(op, jnp.float32, x_shape, w_shape, pads)
     assert impl and not impl.startswith("ref"), (op, impl)
 
 
@@ -232,7 +232,7 @@ def test_kernels_under_a_data_mesh_match_lax(batch):
   x = jax.device_put(_normal(0, x_shape), rows)
   w = _normal(1, w_shape)
   cot = jax.device_put(_normal(2, _out_shape(x_shape, w_shape, pads)), rows)
-  per_shard = lambda a, b: conv.onednn_conv(a, b, pads, axis_name=sharding.DATA_AXIS)
+  per_shard = lambda a, b: custom_calls.onednn_conv(a, b, pads, axis_name=sharding.DATA_AXIS)
   got = sharding.under_mesh(mesh, jax.jit(functools.partial(_fwd_and_grads, per_shard)))(x, w, cot)
   want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, pads)))(x, w, cot)
   for name, g, r in zip(("y", "dx", "dw"), got, want):
@@ -272,7 +272,7 @@ def test_bfloat16_through_drop_in_matches_float32_reference(x_shape, w_shape, pa
 def test_native_bfloat16_kernels_match_float32_reference():
   """Where oneDNN has bf16 kernels (AVX-512 / AMX), `onednn_conv` on bf16 directly: bf16 output
   and input gradient, the weight gradient rounded to bf16 from its f32 accumulation."""
-  if not conv.native_bf16():
+  if not library.native_bf16():
     pytest.skip(
       "no native oneDNN bf16 convolutions on this CPU (e.g. AVX2): the drop-in "
       "computes bf16 in float32, tested above"
@@ -281,7 +281,7 @@ def test_native_bfloat16_kernels_match_float32_reference():
   x = _normal(0, x_shape, jnp.bfloat16)
   w = _normal(1, w_shape, jnp.bfloat16)
   cot = _normal(2, _out_shape(x_shape, w_shape, pads), jnp.bfloat16)
-  got = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: conv.onednn_conv(a, b, pads)))(
+  got = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: custom_calls.onednn_conv(a, b, pads)))(
     x, w, cot
   )
   _assert_bf16_matches_f32_reference(got, x, w, cot, functools.partial(_ref_conv, pads=pads))
@@ -392,7 +392,7 @@ logging.getLogger().addHandler(Capture(level=logging.WARNING))
 
 import jax
 from jax import lax
-from tvunet_jax.kernels import conv
+from tvunet_jax.kernels import conv, custom_calls, library, winograd
 
 resolved = {b: conv.resolve(b) for b in ('auto', 'onednn')}
 conv.resolve('onednn')  # asked again: no second warning
@@ -405,13 +405,13 @@ ys = {b: np.asarray(jax.jit(lambda a, c, b=b: conv.conv_general_dilated(b)(
 ref = np.asarray(jax.jit(lambda a, c: lax.conv_general_dilated(
     a, c, (1, 1), 'SAME', dimension_numbers=nhwc))(x, w))
 try:
-  conv.impl_info(0, np.float32, x.shape, w.shape, (1, 1, 1, 1))
+  library.impl_info(0, np.float32, x.shape, w.shape, (1, 1, 1, 1))
   impl_error = None
 except RuntimeError as e:
   impl_error = str(e)
 print(json.dumps({
-    'available': conv.available(), 'native_bf16': conv.native_bf16(),
-    'version': conv.onednn_version(), 'resolved': resolved, 'warnings': messages,
+    'available': library.available(), 'native_bf16': library.native_bf16(),
+    'version': library.onednn_version(), 'resolved': resolved, 'warnings': messages,
     'equal': {b: bool(np.array_equal(y, ref)) for b, y in ys.items()},
     'y': ys['onednn'].tolist(), 'impl_error': impl_error}))
 """
@@ -532,7 +532,7 @@ def test_conv_ops_is_a_hashable_value_chosen_once(monkeypatch):
   }
   assert models.build(cfg).conv_backend is conv.XLA
   assert models.build({**cfg, "conv_backend": "xla"}, axis_name=None).conv_backend == (
-    conv.ConvOps(conv.resolve("xla"), None)
+    conv.choose("xla", axis_name=None)
   )
 
 
@@ -641,7 +641,7 @@ def test_concat_input_conv_equals_conv_on_the_concatenation(backend, request):
     assert _rel_err(got, want) <= 1e-5
   hlo = jax.jit(mine_apply).lower(params, a, b).as_text()
   if backend == "onednn":
-    assert hlo.count(f"@{conv.TARGETS[0]}(") == 2 and "concatenate" not in hlo, hlo
+    assert hlo.count(f"@{library.TARGETS[0]}(") == 2 and "concatenate" not in hlo, hlo
 
 
 # ------------------------------------------------------------------ 6. a sharded train step
@@ -694,7 +694,7 @@ def test_sharded_train_step_matches_one_device():
   cfg.model.conv_backend = "onednn"
   cfg.model.depth = 1  # the tiny config at one level: every kind of conv, a third less compile
   model = models.build(cfg.model)
-  assert model.conv_backend == conv.ConvOps("onednn", sharding.DATA_AXIS) and model.dropout > 0
+  assert model.conv_backend == conv.choose("onednn", axis_name=sharding.DATA_AXIS) and model.dropout > 0
   lr = 1e3
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
   variables = random_variables(model, (1, 16, 16, 1))
@@ -782,11 +782,11 @@ def test_kernel_rejects_inconsistent_shapes_with_one_line_error():
   bad_out = (1, 5, 6, 4)  # pads (1, 1, 1, 1) give 6 rows, not 5
   with pytest.raises(Exception, match=r"inconsistent shapes x\(1,6,6,2\) w\(3,3,2,4\)"):
     jax.block_until_ready(
-      jax.jit(lambda a, b: conv._call(0, a, b, bad_out, jnp.float32, (1, 1, 1, 1)))(x, w)
+      jax.jit(lambda a, b: custom_calls._call(0, a, b, bad_out, jnp.float32, (1, 1, 1, 1)))(x, w)
     )
   with pytest.raises(Exception, match="mismatched dtypes"):
     jax.block_until_ready(
-      jax.jit(lambda a, b: conv._call(0, a, b, (1, 6, 6, 4), jnp.float32, (1, 1, 1, 1)))(
+      jax.jit(lambda a, b: custom_calls._call(0, a, b, (1, 6, 6, 4), jnp.float32, (1, 1, 1, 1)))(
         x, w.astype(jnp.bfloat16)
       )
     )
@@ -800,11 +800,11 @@ def test_transposed_kernel_rejects_bad_shapes_and_stride():
   bad_out = (1, 7, 8, 3)  # stride 2, pads (0, 1, 0, 1): (4 - 1) * 2 - 1 + 3 = 8 rows, not 7
   with pytest.raises(Exception, match=r"inconsistent shapes x\(1,4,4,2\) w\(3,3,2,3\)"):
     jax.block_until_ready(
-      jax.jit(lambda a, b: conv._call(3, a, b, bad_out, jnp.float32, (0, 1, 0, 1), stride=2))(x, w)
+      jax.jit(lambda a, b: custom_calls._call(3, a, b, bad_out, jnp.float32, (0, 1, 0, 1), stride=2))(x, w)
     )
   with pytest.raises(Exception, match="stride positive"):
     jax.block_until_ready(
-      jax.jit(lambda a, b: conv._call(3, a, b, (1, 8, 8, 3), jnp.float32, (0, 1, 0, 1), stride=0))(
+      jax.jit(lambda a, b: custom_calls._call(3, a, b, (1, 8, 8, 3), jnp.float32, (0, 1, 0, 1), stride=0))(
         x, w
       )
     )
@@ -894,7 +894,7 @@ def test_onednn_conv_transpose_matches_numpy_scatter():
   out[s * i - top + k] += x[i] w[k] per axis, cropped by the pads (asymmetric here)."""
   x_shape, w_shape, stride, pads = (1, 3, 4, 2), (3, 2, 2, 3), 2, (1, 0, 0, 1)
   x, w = _normal(3, x_shape), _normal(4, w_shape)
-  y = np.asarray(jax.jit(lambda a, b: conv.onednn_conv_transpose(a, b, stride, pads))(x, w))
+  y = np.asarray(jax.jit(lambda a, b: custom_calls.onednn_conv_transpose(a, b, stride, pads))(x, w))
   xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
   (_, h, wd, _), (kh, kw, _, co) = x_shape, w_shape
   full = np.zeros((1, (h - 1) * stride + kh, (wd - 1) * stride + kw, co))
@@ -912,7 +912,7 @@ def test_onednn_conv_transpose_matches_numpy_scatter():
 def test_conv_transpose_kernels_are_optimised():
   """oneDNN picks real kernels (not 'ref') for the U-Net's up-sampling, all three passes."""
   for op in (3, 4, 5):
-    impl = conv.impl_info(op, jnp.float32, (2, 8, 8, 32), (3, 3, 32, 16), (0, 1, 0, 1), 2)
+    impl = library.impl_info(op, jnp.float32, (2, 8, 8, 32), (3, 3, 32, 16), (0, 1, 0, 1), 2)
     # composite names ('conv:any+jit:avx2'): no part may be a reference loop
     assert impl and not any(p.startswith("ref") for p in impl.split("+")), (op, impl)
 
@@ -976,18 +976,18 @@ def test_conv_transpose_falls_back_to_lax(kwargs):
 
 def test_cpu_flags_parse_proc_cpuinfo():
   text = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nbogomips\t: 4000\n"
-  assert conv.cpu_flags(text) == {"fpu", "sse2", "avx", "avx2", "fma"}
-  assert conv.cpu_flags("processor\t: 0\n") is None
+  assert library.cpu_flags(text) == {"fpu", "sse2", "avx", "avx2", "fma"}
+  assert library.cpu_flags("processor\t: 0\n") is None
 
 
 @needs_onednn
 def test_library_built_for_another_cpu_is_refused():
   """The library is compiled with -march=native: it names the extensions it may use, and a CPU
   lacking one is detected before any handler runs (else: SIGILL). This machine has them all."""
-  lib = conv.load()
-  assert conv._missing_isa(lib) == []  # pylint: disable=protected-access
+  lib = library.load()
+  assert library.missing_isa(lib) == []  # pylint: disable=protected-access
   built = lib.tvunet_build_isa().decode().split()
   if not built:
     pytest.skip("built for a CPU without the extensions the check lists")
-  assert conv._missing_isa(lib, flags={"sse2"}) == built  # pylint: disable=protected-access
-  assert conv._missing_isa(lib, flags=set(built)) == []  # pylint: disable=protected-access
+  assert library.missing_isa(lib, flags={"sse2"}) == built  # pylint: disable=protected-access
+  assert library.missing_isa(lib, flags=set(built)) == []  # pylint: disable=protected-access

@@ -19,7 +19,7 @@ import pytest
 
 from experiments.configs import tpu
 from tvunet_jax import export, models, sharding, train
-from tvunet_jax.kernels import conv
+from tvunet_jax.kernels import conv, library
 
 SIZE = 32  # tiny model (base 4, depth 2) at 32x32: lowering is shape-only, seconds
 BATCH = 16  # global batch: 2 rows per fake device
@@ -94,7 +94,7 @@ def _check_portable(module, platform):
   assert "bf16" in text  # bfloat16 compute
   targets = export.custom_call_targets(text)
   assert not [t for t in targets if CPU_TARGET.match(t)], targets
-  assert not targets & {*conv.TARGETS.values(), *conv.WINOGRAD_TARGETS}
+  assert not targets & {*library.TARGETS.values(), *library.WINOGRAD_TARGETS}
   return text
 
 
@@ -119,7 +119,7 @@ def test_predict_network_lowers(mesh, platform):
   assert module.out_avals[0].dtype == jnp.float32
 
 
-@pytest.mark.skipif(not conv.available(), reason="oneDNN kernel library not built")
+@pytest.mark.skipif(not library.available(), reason="oneDNN kernel library not built")
 def test_auto_backend_traces_cpu_kernels_into_an_accelerator_export(mesh):
   """Why the model must be built with conv_backend='xla': 'auto' decides from JAX's default
   backend (CPU), so a TPU export of the train step traces the oneDNN custom calls and fails."""

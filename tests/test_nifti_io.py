@@ -7,9 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tvunet_jax import atomic
-from tvunet_jax import nifti_io
-from tvunet_jax import volumes
+from tvunet_jax import atomic, nifti_io, volumes
 
 
 def _write(path, data, affine=np.eye(4)):

@@ -10,15 +10,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tvunet_jax import checkpointing
+from tvunet_jax import (
+  checkpointing,
+  input_pipeline,
+  models,
+  nifti_io,
+  phantom,
+  predict,
+  sharding,
+  volumes,
+)
 from tvunet_jax import contract as contract_lib
-from tvunet_jax import input_pipeline
-from tvunet_jax import models
-from tvunet_jax import nifti_io
-from tvunet_jax import phantom
-from tvunet_jax import predict
-from tvunet_jax import sharding
-from tvunet_jax import volumes
 
 ornt = nib.orientations
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import profile_step
-from tvunet_jax.kernels import conv
+from tvunet_jax.kernels import custom_calls, library
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,14 +46,14 @@ def test_profile_sums_thunks_of_a_jitted_function():
   ), list(per_name)
 
 
-@pytest.mark.skipif(not conv.available(), reason="oneDNN kernel library not built")
+@pytest.mark.skipif(not library.available(), reason="oneDNN kernel library not built")
 def test_custom_call_targets_names_the_onednn_ops():
   """Every oneDNN custom call of a compiled forward + backward is mapped to its op by name."""
   w = jnp.ones((3, 3, 4, 4))
 
   def loss(x, w, wt):
-    y = conv.onednn_conv(x, w, (1, 1, 1, 1))
-    return jnp.sum(conv.onednn_conv_transpose(y, wt, 2, (0, 1, 0, 1)))
+    y = custom_calls.onednn_conv(x, w, (1, 1, 1, 1))
+    return jnp.sum(custom_calls.onednn_conv_transpose(y, wt, 2, (0, 1, 0, 1)))
 
   x = jnp.ones((2, 8, 8, 4))
   hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, w, w).compile().as_text()
@@ -69,10 +69,10 @@ def test_custom_call_targets_names_the_onednn_ops():
   )
 
 
-@pytest.mark.skipif(not conv.available(), reason="oneDNN kernel library not built")
+@pytest.mark.skipif(not library.available(), reason="oneDNN kernel library not built")
 def test_custom_call_targets_names_the_winograd_ops():
   """The Winograd kernels' calls (forward, input gradient, weight gradient) are named too."""
-  loss = lambda x, w: jnp.sum(conv.winograd_conv(x, w) ** 2)
+  loss = lambda x, w: jnp.sum(custom_calls.winograd_conv(x, w) ** 2)
   x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
   hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
   assert sorted(profile_step._custom_call_targets(hlo).values()) == [

@@ -15,9 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tvunet_jax import input_pipeline
-from tvunet_jax import resume
-from tvunet_jax import train
+from tvunet_jax import input_pipeline, resume, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

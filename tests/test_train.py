@@ -10,14 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from tvunet_jax import checkpointing
+from tvunet_jax import checkpointing, input_pipeline, losses, models, predict, sharding, train
 from tvunet_jax import contract as contract_lib
-from tvunet_jax import input_pipeline
-from tvunet_jax import losses
-from tvunet_jax import models
-from tvunet_jax import predict
-from tvunet_jax import sharding
-from tvunet_jax import train
 
 
 def _final_params(workdir, cfg):

@@ -11,10 +11,7 @@ import pytest
 
 from tests import dicom_series
 from tfds_builder.covid19_ct_seg import covid19_ct_seg_dataset_builder as builder_lib
-from tvunet_jax import input_pipeline
-from tvunet_jax import nifti_io
-from tvunet_jax import predict
-from tvunet_jax import volumes
+from tvunet_jax import input_pipeline, nifti_io, predict, volumes
 
 ornt = nib.orientations
 

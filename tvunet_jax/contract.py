@@ -16,10 +16,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tvunet_jax import atomic
-from tvunet_jax import checkpointing
-from tvunet_jax import input_pipeline
-from tvunet_jax import losses
+from tvunet_jax import atomic, checkpointing, input_pipeline, losses
 
 FILE = "model_contract.json"
 KEYS = ("image_size", "intensity", "target", "threshold", "model")

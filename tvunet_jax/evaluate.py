@@ -40,16 +40,18 @@ import numpy as np
 import tqdm
 
 from tfds_builder import covid19_ct_seg
-from tvunet_jax import atomic
-from tvunet_jax import checkpointing
+from tvunet_jax import (
+  atomic,
+  checkpointing,
+  input_pipeline,
+  metrics,
+  nifti_io,
+  predict,
+  sharding,
+  volumes,
+  writers,
+)
 from tvunet_jax import contract as contract_lib
-from tvunet_jax import input_pipeline
-from tvunet_jax import metrics
-from tvunet_jax import nifti_io
-from tvunet_jax import predict
-from tvunet_jax import sharding
-from tvunet_jax import volumes
-from tvunet_jax import writers
 
 RESOLUTIONS = ("network", "native")
 NATIVE_CONFIG = "native"

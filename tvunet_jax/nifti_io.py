@@ -21,7 +21,6 @@ import numpy as np
 
 from tvunet_jax import atomic
 
-
 # The MedSeg download's file layout, shared by the phantom writer and the TFDS builder.
 TR_IMAGE, TR_MASK, TR_LUNG = "tr_im.nii.gz", "tr_mask.nii.gz", "tr_lungmasks_updated.nii.gz"
 RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = "rp_im", "rp_msk", "rp_lung_msk"

@@ -47,17 +47,19 @@ import numpy as np
 import tqdm
 from scipy import ndimage
 
-from tvunet_jax import atomic
-from tvunet_jax import checkpointing
+from tvunet_jax import (
+  atomic,
+  checkpointing,
+  dicom_io,
+  input_pipeline,
+  metrics,
+  models,
+  nifti_io,
+  sharding,
+  volumes,
+  writers,
+)
 from tvunet_jax import contract as contract_lib
-from tvunet_jax import dicom_io
-from tvunet_jax import input_pipeline
-from tvunet_jax import metrics
-from tvunet_jax import models
-from tvunet_jax import nifti_io
-from tvunet_jax import sharding
-from tvunet_jax import volumes
-from tvunet_jax import writers
 
 LESION_CONNECTIVITY = 26  # 3D lesions: voxels touching by a face, an edge or a corner
 NIFTI_ENDINGS = (".nii.gz", ".nii")

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 # Leaves smaller than this stay replicated under fsdp: splitting a bias or a 3x3x1x64 kernel saves

@@ -23,17 +23,18 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from tvunet_jax import atomic
-from tvunet_jax import checkpointing
-from tvunet_jax import contract
-from tvunet_jax import input_pipeline
-from tvunet_jax import losses
-from tvunet_jax import metrics
-from tvunet_jax import models
-from tvunet_jax import resume
-from tvunet_jax import sharding
-from tvunet_jax import writers
-from tvunet_jax.kernels import conv
+from tvunet_jax import (
+  atomic,
+  checkpointing,
+  contract,
+  input_pipeline,
+  losses,
+  metrics,
+  models,
+  resume,
+  sharding,
+  writers,
+)
 
 
 @flax.struct.dataclass
@@ -309,9 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- model and state
   model = models.build(config.model)
   ops = model.conv_backend  # resolved once, when the model was built (conv.ConvOps)
-  logging.info("convolutions: %s (model.conv_backend %r)%s", ops.backend, config.model.conv_backend,
-               f"; Winograd 3x3 convs: {ops.winograd} (${conv.ENV_WINOGRAD})"
-               if ops.backend == "onednn" else "")
+  logging.info("convolutions: %s (model.conv_backend %r)", ops.describe(), config.model.conv_backend)
   tx = make_optimizer(t.learning_rate)
   init_fn = functools.partial(create_state, model=model, tx=tx, image_shape=(*image_size, 1))
   rng = jax.random.PRNGKey(config.seed)

@@ -9,7 +9,8 @@ one framework:
   * `jax_table(batch)` in a JAX child: forward, input gradient and weight gradient of every layer
     on the child's conv backend (TVUNET_CONV_BACKEND): on oneDNN its direct kernels, with the
     Winograd F(4x4, 3x3) kernels timed beside them on every 3x3 conv, oneDNN's kernel names, and
-    whether `conv.use_winograd` picks Winograd there (the measurement behind that rule); on XLA
+    the passes the library's own choice (`conv.choose`: the measured table, else the ISA rule)
+    runs by Winograd there; on XLA
     `lax.conv_general_dilated` and its linear transposes;
   * `torch_table(batch)` in a PyTorch child: the same three ops of PyTorch's channels_last convs;
 
@@ -114,9 +115,9 @@ def _jax_ops_ms(ops: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]]) -
 
 
 def _transposed(x, w, *, stride, pads):
-  from tvunet_jax.kernels import conv
+  from tvunet_jax.kernels import custom_calls
 
-  return conv.onednn_conv_transpose(x, w, stride, pads)
+  return custom_calls.onednn_conv_transpose(x, w, stride, pads)
 
 
 def jax_table(batch: int = 8, layers: Sequence[dict] | None = None) -> list[dict[str, Any]]:
@@ -131,7 +132,7 @@ def jax_table(batch: int = 8, layers: Sequence[dict] | None = None) -> list[dict
   import jax.numpy as jnp
   import numpy as np
 
-  from tvunet_jax.kernels import conv
+  from tvunet_jax.kernels import conv, custom_calls, library, winograd
 
   backend = conv.resolve("auto")
   rows = []
@@ -159,7 +160,7 @@ def jax_table(batch: int = 8, layers: Sequence[dict] | None = None) -> list[dict
       forward = functools.partial(_transposed, stride=stride, pads=pads)
     dy = jnp.asarray(rng.standard_normal(jax.eval_shape(forward, x, w).shape, np.float32))
     if backend == "onednn":
-      ops = conv.onednn_ops(x, w, dy, pads, stride)
+      ops = custom_calls.onednn_ops(x, w, dy, pads, stride)
     else:
       ops = {
         "forward": (f, (x, w)),
@@ -174,15 +175,23 @@ def jax_table(batch: int = 8, layers: Sequence[dict] | None = None) -> list[dict
       }
     row = {**layer, "backend": backend, "form": form, "jax_ms": _jax_ops_ms(ops)}
     if backend == "onednn" and not stride and tuple(w_shape[:2]) == (3, 3) and pads == (1, 1, 1, 1):
-      row["winograd_ms"] = _jax_ops_ms(conv.winograd_ops(x, w, dy))
+      row["winograd_ms"] = _jax_ops_ms(custom_calls.winograd_ops(x, w, dy))
       # A wide up-block row is not run as such (the model runs two of its conv_1 shape).
-      row["winograd_in_model"] = form == "conv" and conv.use_winograd(
-        x_shape, w_shape, jnp.float32, pads
+      chosen = conv.choose("auto")
+      choice = winograd.choose(
+        x_shape,
+        w_shape,
+        "float32",
+        pads,
+        mode=chosen.winograd,
+        table=chosen.winograd_table,
+        isa=chosen.isa,
       )
+      row["winograd_in_model"] = [form == "conv" and c for c in choice]  # per pass (OPS)
     if backend == "onednn":
       first = 3 if stride else 0
       row["onednn_impl"] = {
-        k: conv.impl_info(first + i, jnp.float32, x_shape, w_shape, pads, stride or 1)
+        k: library.impl_info(first + i, jnp.float32, x_shape, w_shape, pads, stride or 1)
         for i, k in enumerate(OPS)
       }
     rows.append(row)

@@ -393,7 +393,8 @@ def _layer_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
-    wino = _ms(r.get("winograd_ms")) + (" (the model's)" if r.get("winograd_in_model") else "")
+    passes = [o for o, c in zip(("fwd", "dgrad", "wgrad"), r.get("winograd_in_model") or []) if c]
+    wino = _ms(r.get("winograd_ms")) + (f" (model: {', '.join(passes)})" if passes else "")
     lines.append(
       f"| {', '.join(r['layers'])} | {'x'.join(map(str, r['x']))} "
       f"| {'x'.join(map(str, r['w']))} | {r.get('backend', '-')} | {r.get('form', '-')} "

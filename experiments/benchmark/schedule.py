@@ -27,7 +27,7 @@ KINDS = ("train", "inference")
 FRAMEWORKS = ("jax", "torch", "onnxruntime")
 YNN_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce"
 # JAX variants: the child's environment. 'default' is the library's own choice (oneDNN kernels
-# where built, the Winograd rule of `conv.use_winograd`), set explicitly so that a caller's
+# where built, Winograd where `conv.choose` picks it), set explicitly so that a caller's
 # shell variables cannot change what 'default' means; XLA_FLAGS are appended to the inherited.
 VARIANTS: dict[str, dict[str, str]] = {
   "default": {"TVUNET_CONV_BACKEND": "auto", "TVUNET_WINOGRAD": "auto"},

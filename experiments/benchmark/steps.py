@@ -119,12 +119,12 @@ def _jax():
 def _jax_setup() -> dict[str, Any]:
   jax = _jax()
   from tvunet_jax import host_memory
-  from tvunet_jax.kernels import conv
+  from tvunet_jax.kernels import conv, winograd
 
   backend = conv.resolve("auto")
   return {
     "conv_backend": backend,
-    "winograd": conv.winograd_mode() if backend == "onednn" else None,
+    "winograd": winograd.mode_from_env() if backend == "onednn" else None,
     "device_kind": jax.devices()[0].device_kind,
     "num_devices": jax.device_count(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -247,7 +247,7 @@ def jax_probe(spec: dict[str, Any]) -> dict[str, Any]:
   jax = _jax()
   import jax.numpy as jnp
 
-  from tvunet_jax.kernels import conv
+  from tvunet_jax.kernels import conv, library
 
   x = jnp.ones((2, 32, 32, 64))
   w = jnp.ones((3, 3, 64, 64))
@@ -261,8 +261,8 @@ def jax_probe(spec: dict[str, Any]) -> dict[str, Any]:
   return {
     **info,
     "jax_version": jax.__version__,
-    "onednn_version": conv.onednn_version(),
-    "onednn_native_bf16": conv.native_bf16(),
+    "onednn_version": library.onednn_version(),
+    "onednn_native_bf16": library.native_bf16(),
   }
 
 

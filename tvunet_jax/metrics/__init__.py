@@ -34,6 +34,8 @@ Modules, each with its conventions in its docstring:
 
 from __future__ import annotations
 
+from tvunet_jax.lesionwise import lesionwise_scores, robust_hausdorff
+from tvunet_jax.lesionwise import summarize as summarize_lesionwise
 from tvunet_jax.metrics.accumulator import SegmentationAccumulator, batch_stats
 from tvunet_jax.metrics.components import COMPONENT_KEYS, component_counts
 from tvunet_jax.metrics.counts import (
@@ -56,8 +58,6 @@ from tvunet_jax.metrics.curves import (
   score_histogram,
 )
 from tvunet_jax.metrics.inputs import ArrayLike
-from tvunet_jax.lesionwise import lesionwise_scores, robust_hausdorff
-from tvunet_jax.lesionwise import summarize as summarize_lesionwise
 from tvunet_jax.metrics.report import SUMMARY_TABLE_KEYS, summary_scalars, to_jsonable
 
 __all__ = [
