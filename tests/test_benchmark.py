@@ -79,7 +79,10 @@ def test_rounds_alternate_and_every_slot_runs():
     assert calls.count(eid) == 1
     ort = [i for i, c in enumerate(calls) if c.endswith("onnxruntime-ort") and f"-{d}-" in c]
     assert calls.index(eid) < min(ort)
-  assert calls[:2] == ["probe-jax", "probe-torch"]
+  # the Winograd table is measured before anything is timed, then the probes
+  assert calls[:3] == ["tune-jax", "probe-jax", "probe-torch"]
+  tune_spec = next(d["spec"] for d in done if d["spec"]["id"] == "tune-jax")
+  assert tune_spec["models"] == ["paper"] and tune_spec["batches"] == [8]
   assert {"matmul-jax", "matmul-torch", "layers-jax", "layers-torch"} <= set(calls)
 
 
@@ -91,7 +94,8 @@ def test_quick_plan_and_options():
     ["float32"],
     1,
   )
-  assert not quick.layers
+  assert not quick.layers and not quick.tune  # a smoke run leaves the table alone
+  assert "tune-jax" not in [s["id"] for s in schedule.schedule(quick)]
   full = schedule.make_plan(False, native_bf16=False)
   assert full.dtypes == ["float32"] and full.rounds == 3 and full.bf16_matmul_n == 1024
   assert schedule.make_plan(False, native_bf16=True).dtypes == ["float32", "bfloat16"]
@@ -769,3 +773,20 @@ def test_frozen_peer_equals_the_eager_network():
   assert peers.inference_network("eager", net, x, None) is net
   with pytest.raises(ValueError, match="unknown train variant"):
     peers.train_network("jit", net)
+
+
+def test_winograd_line_counts_the_tuned_passes():
+  tuning = {
+    "shapes": 3,
+    "measured": 2,
+    "decisions": {
+      "8,16,16,512,512": {"forward": True, "input_grad": False, "weight_grad": True},
+      "8,32,32,256,256": {"forward": False, "input_grad": False, "weight_grad": True},
+      "8,128,128,1,64": {"forward": False, "input_grad": False, "weight_grad": False},
+    },
+  }
+  line = report.winograd_line(tuning)
+  assert line.startswith("2 of 3 conv shapes use it (fwd 1, dgrad 0, wgrad 2)")
+  assert "2 of 3 shapes measured in this run" in line
+  md = report.to_markdown({**_results([]), "winograd_tuning": tuning})
+  assert "- Winograd: 2 of 3 conv shapes" in md

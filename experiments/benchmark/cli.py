@@ -76,6 +76,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {"rows": table(spec["batch"])}
   if kind == "probe":
     return steps.jax_probe(spec) if fw == "jax" else steps.torch_probe(spec)
+  if kind == "tune":
+    return steps.jax_tune(spec, log=_log)
   raise ValueError(f"unknown child kind {kind!r}")
 
 
@@ -187,6 +189,8 @@ class ChildRunner:
         if "error" in result
         else f"{result['img_s']:.2f} img/s, first call {result['first_call_s']:.1f} s"
         if "img_s" in result
+        else f"{result['measured']} of {result['shapes']} conv shapes measured"
+        if spec["kind"] == "tune"
         else "ok"
       )
       + f" ({result['wall_s']:.0f} s)"
@@ -304,6 +308,7 @@ def assemble(
     "plan": plan_dict,
     "variants_env": {v: schedule.VARIANTS[v] for v in plan.variants},
     "probes": probes,
+    "winograd_tuning": by_kind.get("tune", {}).get("jax"),
     "bf16_meaning": bf16_meaning(env["native_bf16"], probes),
     "openmp_by_framework": {fw: sorted(s) for fw, s in openmp.items()},
     "groups": groups,
@@ -361,6 +366,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--no_ort", action="store_true", help="skip the ONNX Runtime slot")
   p.add_argument("--no_conv_ops", action="store_true", help="skip the per-layer conv table")
   p.add_argument("--no_matmul", action="store_true", help="skip the matmul peaks (and MFU)")
+  p.add_argument(
+    "--no_tune", action="store_true", help="keep the Winograd table as it is (no tune child)"
+  )
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per child")
   p.add_argument("--dry_run", action="store_true", help="print the children and exit")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -394,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   plan.ort = plan.ort and not args.no_ort
   plan.layers = plan.layers and not args.no_conv_ops
   plan.matmul = plan.matmul and not args.no_matmul
+  plan.tune = plan.tune and not args.no_tune
   notes: list[str] = []
   _availability(plan, notes)
   if not env["native_bf16"] and "bfloat16" not in plan.dtypes and not args.quick:

@@ -264,6 +264,11 @@ def _machine_lines(results: Mapping[str, Any]) -> list[str]:
     )
   if results.get("bf16_meaning"):
     lines.append(f"- bf16 here: {results['bf16_meaning']}")
+  tuning = results.get("winograd_tuning")
+  if tuning and "error" not in tuning:
+    lines.append(f"- Winograd: {winograd_line(tuning)}")
+  elif tuning:
+    lines.append(f"- Winograd tuning failed ({tuning['error']}): the ISA rule decided")
   return lines
 
 
@@ -402,3 +407,20 @@ def _layer_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
       f"| {wino if r.get('winograd_ms') else '-'} | {_ms(r.get('torch_ms'))} |"
     )
   return lines
+
+
+def winograd_line(tuning: Mapping[str, Any]) -> str:
+  """Which passes of the tuned shapes run Winograd, e.g. '3 of 11 conv shapes (fwd 2, dgrad 0,
+  wgrad 3) by this CPU's table (11 shapes, 11 measured in this run)'."""
+  decisions = tuning.get("decisions") or {}
+  counts = {
+    short: sum(bool(d.get(p)) for d in decisions.values())
+    for short, p in zip(("fwd", "dgrad", "wgrad"), ("forward", "input_grad", "weight_grad"))
+  }
+  any_pass = sum(any(d.values()) for d in decisions.values())
+  per_pass = ", ".join(f"{k} {v}" for k, v in counts.items())
+  return (
+    f"{any_pass} of {len(decisions)} conv shapes use it ({per_pass}), by this CPU's measured "
+    f"table ({tuning.get('measured', 0)} of {tuning.get('shapes', 0)} shapes measured in this run;"
+    f" `python -m tvunet_jax.tune`)"
+  )

@@ -69,6 +69,9 @@ class Plan:
   bf16_matmul_n: int | None = None
   matmul_reps: int = 3
   layers: bool = True  # the per-layer convolution table
+  # First child: `python -m tvunet_jax.tune`'s measurement of the float32 models' 3x3 convs at the
+  # plan's batches, so that the JAX default path runs the kernels this CPU measured faster.
+  tune: bool = True
   layer_batch: int = 8
 
 
@@ -103,6 +106,7 @@ def make_plan(quick: bool, *, native_bf16: bool = False, **overrides: Any) -> Pl
       matmul_reps=2,
       layers=False,
       layer_batch=1,
+      tune=False,  # a smoke run leaves the machine's Winograd table as it is
     )
   else:
     plan = Plan(
@@ -210,9 +214,21 @@ def export_id(model: str, dtype: str, batch: int) -> str:
 
 def schedule(plan: Plan) -> list[dict[str, Any]]:
   """Every child spec of the run, in the order they run (see the module docstring)."""
-  specs: list[dict[str, Any]] = [
+  specs: list[dict[str, Any]] = []
+  if plan.tune and "float32" in plan.dtypes:
+    specs.append(
+      {
+        "id": "tune-jax",
+        "kind": "tune",
+        "framework": "jax",
+        "variant": plan.variants[0],
+        "models": plan.models,
+        "batches": sorted({*plan.batches, *([plan.layer_batch] if plan.layers else [])}),
+      }
+    )
+  specs.append(
     {"id": "probe-jax", "kind": "probe", "framework": "jax", "variant": plan.variants[0]}
-  ]
+  )
   if plan.torch:
     specs.append({"id": "probe-torch", "kind": "probe", "framework": "torch"})
   exports = set()

@@ -241,6 +241,31 @@ def jax_matmul(spec: dict[str, Any]) -> dict[str, Any]:
   return {"matmul": out}
 
 
+def jax_tune(spec: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+  """`tvunet_jax.tune` for the float32 models and batches of the plan: measures what this
+  machine's Winograd table lacks, so the timed children run the kernels that measured faster.
+  Returns the table path, the shape counts and this machine's decisions for those shapes."""
+  from tvunet_jax import tune
+  from tvunet_jax.kernels import conv, winograd
+
+  shapes = []
+  for m in spec["models"]:
+    shapes += tune.model_shapes(model_config(m).model, spec["batches"], (IMAGE_SIZE, IMAGE_SIZE))
+  lines: list[str] = []
+  section = tune.tune(shapes, log=lambda line: (lines.append(line), log(line)))
+  todo = int(lines[0].split()[1]) if lines else 0
+  decided = dict(winograd.decisions(section))
+  keys = list(dict.fromkeys(winograd.shape_key(*s) for s in shapes))
+  return {
+    "table": winograd.tuning_path(),
+    "machine_key": conv.machine_key(),
+    "shapes": len(keys),
+    "measured": todo,
+    "decisions": {k: dict(zip(winograd.PASSES, decided.get(k, winograd.NONE))) for k in keys},
+    "timings_ms": {k: section.get(k) for k in keys},
+  }
+
+
 def jax_probe(spec: dict[str, Any]) -> dict[str, Any]:
   """One float32 and one bfloat16 3x3 conv through the model's conv path, and the JAX setup."""
   info = _jax_setup()
