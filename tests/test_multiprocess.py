@@ -33,7 +33,7 @@ def test_two_processes_train_and_agree(tiny_data, tmp_path):
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}",
            f"--config.data.manual_dir={manual_dir}", f"--config.data.data_dir={data_dir}",
            "--config.data.generate_phantom=false", "--config.train.num_steps=3",
-           "--alsologtostderr"]
+           "--alsologtostderr", "--verbosity=1"]  # the final JSON line is logged at 1
     # Own process group: on failure the whole group is killed (these processes can ignore TERM).
     procs.append(subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, start_new_session=True))

@@ -108,7 +108,7 @@ def test_variants_and_matching_rule():
 
 def test_plan_is_seed_major_with_backend_check_last():
   arms = plan_lib.variants(quick=True)
-  runs = plan_lib.make_plan(arms, [0, 1, 2], backend_check=True)
+  runs = plan_lib.make_plan(arms, [0, 1, 2], backend_check_seeds=[0, 1, 2])
   assert [(r.variant.name, r.seed) for r in runs[:4]] == [
     (arms[0].name, 0),
     (arms[1].name, 0),
@@ -117,6 +117,10 @@ def test_plan_is_seed_major_with_backend_check_last():
   ]
   assert [r.seed for r in runs] == [0] * 4 + [1] * 4 + [2] * 4
   assert runs[3].variant.conv_backend == "xla"
+  # the backend check on the first seed only: every variant of every seed, one XLA run
+  some = plan_lib.make_plan(arms, [0, 1, 2], backend_check_seeds=[0])
+  assert [r.seed for r in some] == [0] * 4 + [1] * 3 + [2] * 3
+  assert [r.seed for r in some if r.variant.conv_backend == "xla"] == [0]
 
 
 def test_run_config_sets_the_variant():
@@ -226,7 +230,7 @@ def test_bad_record_is_one_line_error(tmp_path):
 
 def test_report_on_partial_study(tmp_path):
   arms = list(plan_lib.variants(quick=True)) + [plan_lib.BACKEND_CHECK]
-  runs = plan_lib.make_plan(arms[:3], [0, 1, 2], backend_check=True)
+  runs = plan_lib.make_plan(arms[:3], [0, 1, 2], backend_check_seeds=[0, 1, 2])
   records = plan_lib.run_study(
     runs[:10], study.get_config("quick"), str(tmp_path), make_fake_run_fn([])
   )

@@ -43,6 +43,7 @@ from tfds_builder import covid19_ct_seg
 from tvunet_jax import (
   atomic,
   checkpointing,
+  console,
   input_pipeline,
   metrics,
   nifti_io,
@@ -496,7 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--manual_dir", default=None, help="override the run's raw-data folder")
   ap.add_argument("--data_dir", default=None, help="override the run's TFDS folder")
   ap.add_argument("--no_progress", action="store_true")
+  ap.add_argument("--verbosity", type=int, default=0, help="1: libraries' log lines too")
   args = ap.parse_args(argv)
+  console.configure(args.verbosity)
   try:
     result = evaluate_workdirs(
         args.workdir, split=args.split, checkpoint=args.checkpoint, out_dir=args.out,

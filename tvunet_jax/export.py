@@ -35,9 +35,7 @@ import contextlib
 import datetime
 import functools
 import hashlib
-import io
 import json
-import logging
 import math
 import os
 import re
@@ -49,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvunet_jax import atomic, checkpointing, exported, models, predict, sharding
+from tvunet_jax import atomic, checkpointing, console, exported, models, predict, sharding
 from tvunet_jax import contract as contract_lib
 from tvunet_jax.kernels import conv
 
@@ -121,25 +119,6 @@ def custom_call_targets(mlir_text: str) -> set[str]:
   return set(CUSTOM_CALL_RE.findall(mlir_text))
 
 
-@contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-  """jax2onnx prints DEBUG lines on stdout and its IR library warns about untyped shape values;
-  both are harmless, so a normal export swallows stdout and lowers their loggers."""
-  if verbose:
-    yield
-    return
-  loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
-  levels = [lg.level for lg in loggers]
-  for lg in loggers:
-    lg.setLevel(logging.ERROR)
-  try:
-    with contextlib.redirect_stdout(io.StringIO()):
-      yield
-  finally:
-    for lg, level in zip(loggers, levels):
-      lg.setLevel(level)
-
-
 # ----------------------------------------------------------------------------- the two formats
 
 
@@ -175,7 +154,6 @@ def export_onnx(
   input_shape: tuple[int | None, ...],
   *,
   metadata: dict[str, str],
-  verbose: bool = False,
 ) -> bytes:
   """jax2onnx conversion of `fn`, serialized ONNX (opset `ONNX_OPSET`).
 
@@ -195,7 +173,9 @@ def export_onnx(
       f"ONNX export needs jax2onnx and onnx ({e.name} missing): {INSTALL_HINT}"
     ) from None
   shape = tuple("N" if d is None else int(d) for d in input_shape)
-  with _quiet(verbose), xla_convolutions():
+  # jax2onnx prints DEBUG lines on stdout and its IR library warns about untyped shape values:
+  # harmless, so they are held back unless --verbosity=1.
+  with console.library_prints(QUIET_LOGGERS), xla_convolutions():
     proto = jax2onnx.to_onnx(
       fn,
       [shape],
@@ -302,7 +282,6 @@ def export_model(
   formats: Sequence[str] = FORMATS,
   batch: int | None = 1,
   overwrite: bool = False,
-  verbose: bool = False,
 ) -> dict:
   """Exports a checkpoint's network into the folder `out` (see the module docstring).
 
@@ -356,7 +335,7 @@ def export_model(
         "output_shape": json.dumps(output_shape),
         "contract": json.dumps(contract, sort_keys=True),
       }
-      data = export_onnx(fn, tuple(input_shape), metadata=metadata, verbose=verbose)
+      data = export_onnx(fn, tuple(input_shape), metadata=metadata)
       with open(os.path.join(tmp, ONNX_FILE), "wb") as f:
         f.write(data)
     if "stablehlo" in formats:
@@ -410,10 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="symbolic batch dimension ('N' in ONNX, 'b' in StableHLO)",
   )
   ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  ap.add_argument("--verbose", action="store_true", help="let the converter's output through")
+  ap.add_argument("--verbosity", type=int, default=0, help="1: the converter's log lines too")
   args = ap.parse_args(argv)
-  if not args.verbose:
-    logging.getLogger("absl").setLevel(logging.ERROR)
+  console.configure(args.verbosity)
   formats = [f.strip() for f in args.formats.split(",") if f.strip()]
   try:
     card = export_model(
@@ -422,7 +400,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       formats=formats,
       batch=None if args.dynamic_batch else args.batch,
       overwrite=args.overwrite,
-      verbose=args.verbose,
     )
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tvunet_jax import train
+from tvunet_jax import console, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
@@ -45,8 +45,7 @@ def _cluster_from_env() -> bool:
 
 def main(argv):
   del argv
-  # Orbax logs every save and manager option at INFO; keep the console for the run itself.
-  logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+  console.quiet_libraries()  # libraries' INFO only at --verbosity=1
   explicit = _COORDINATOR.value is not None or (_NUM_PROCESSES.value or 1) > 1
   if _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and
                                     (explicit or _cluster_from_env())):
@@ -56,14 +55,26 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
   final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  logging.info("final: %s", json.dumps(final, sort_keys=True))
+  logging.vlog(1, "final: %s", json.dumps(final, sort_keys=True))
   if jax.process_index() == 0 and "test/dice" in final:
-    print("test split at threshold {:.2f}: Dice {:.4f} (a constant prediction: {:.4f}), IoU {:.4f}, "
-          "AP {:.4f}, precision {:.4f}, recall {:.4f}; report: {}".format(
-              _CONFIG.value.eval.threshold, final["test/dice"], final["test/dice_constant_baseline"],
-              final["test/iou"], final["test/average_precision"], final["test/precision"],
-              final["test/recall"], os.path.join(_WORKDIR.value, "test_metrics.json")))
+    console.print_table(*final_table(final, _CONFIG.value.eval.threshold, _WORKDIR.value))
 
+
+def final_table(final: dict, threshold: float, workdir: str) -> tuple[str, list, str]:
+  """(title, rows, footer) of the run's test metrics for `console.print_table`."""
+  f = lambda k: f"{final[k]:.4f}" if k in final else "-"
+  rows = [
+    ("Dice", f"{f('test/dice')}  (a constant prediction: {f('test/dice_constant_baseline')})"),
+    ("IoU", f("test/iou")),
+    ("precision / recall", f"{f('test/precision')} / {f('test/recall')}"),
+    ("average precision", f("test/average_precision")),
+    ("mean volume Dice", f("test/mean_volume_dice")),
+    ("paper_miou", f"{f('test/paper_miou')}  (the paper's smoothed score, >= 0.98 for any map)"),
+  ]
+  if "test/lesionwise_dice" in final:
+    rows.append(("lesion-wise Dice", f("test/lesionwise_dice")))
+  footer = f"report: {os.path.join(workdir, 'test_metrics.json')}"
+  return f"test split at threshold {threshold:.2f}", rows, footer
 
 if __name__ == "__main__":
   app.run(main)

@@ -48,6 +48,7 @@ import tqdm
 from scipy import ndimage
 
 from tvunet_jax import (
+  console,
   atomic,
   checkpointing,
   dicom_io,
@@ -557,7 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--batch_size", type=int, default=32, help="slices per batch (global)")
   ap.add_argument("--num_devices", type=int, default=-1, help="-1: all devices")
   ap.add_argument("--no_progress", action="store_true")
+  ap.add_argument("--verbosity", type=int, default=0, help="1: libraries' log lines too")
   args = ap.parse_args(argv)
+  console.configure(args.verbosity)
 
   def fail(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)

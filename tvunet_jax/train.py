@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from tvunet_jax import (
   atomic,
   checkpointing,
+  console,
   contract,
   input_pipeline,
   losses,
@@ -273,8 +274,11 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
   d = config.data
   manual_dir, data_dir = input_pipeline.data_dirs(workdir, d.manual_dir, d.data_dir)
   if jax.process_index() == 0:
-    input_pipeline.prepare_dataset(manual_dir, data_dir, d.builder_config,
-                                   phantom=d.phantom.to_dict() if d.generate_phantom else None)
+    t0 = time.time()
+    with console.library_prints():  # TFDS's "Downloading and preparing dataset Unknown size"
+      input_pipeline.prepare_dataset(manual_dir, data_dir, d.builder_config,
+                                     phantom=d.phantom.to_dict() if d.generate_phantom else None)
+    logging.info("data: %s in %s (%.0f s)", d.builder_config, data_dir, time.time() - t0)
   multihost_utils.sync_global_devices("data prepared")
   return data_dir
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvunet_jax import atomic, models
+from tvunet_jax import atomic, console, models
 from tvunet_jax.kernels import conv, custom_calls, library, winograd
 
 Shape = tuple[tuple[int, ...], tuple[int, ...], int]  # (x shape, w shape, local batch)
@@ -145,6 +145,7 @@ def _local_batches(config: Any, devices: int) -> list[int]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  console.quiet_libraries()
   config = _CONFIG.value
   if conv.resolve(config.model.get("conv_backend", "auto")) != "onednn":
     raise SystemExit(f"tune: nothing to measure: the convolutions run on XLA. {library.why()}")

@@ -30,7 +30,8 @@ class MetricWriter:
     for k, v in scalars.items():
       self._writer.add_scalar(k, float(v), step)
     self._writer.flush()
-    logging.info("step %d: %s", step, ", ".join(f"{k}={float(v):.5g}" for k, v in scalars.items()))
+    # Every scalar is in TensorBoard; the console shows them at --verbosity=1.
+    logging.vlog(1, "step %d: %s", step, ", ".join(f"{k}={float(v):.5g}" for k, v in scalars.items()))
 
   def write_overlays(self, step: int, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                      *, threshold: float = 0.5) -> None:

@@ -75,6 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="also train the U-Net seeds on XLA convolutions (separate table)",
   )
   parser.add_argument(
+    "--backend_check_seeds",
+    type=int,
+    default=0,
+    help="with --backend_check: only the first N seeds (0: all); an XLA run is the slowest",
+  )
+  parser.add_argument(
     "--budget_minutes",
     type=float,
     default=0.0,
@@ -95,7 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   base.data.manual_dir = os.path.join(root, "data", "medseg_phantom")  # one data set for all
   base.data.data_dir = os.path.join(root, "data", "tfds")
   arms = plan_lib.variants(args.quick)
-  runs = plan_lib.make_plan(arms, seeds, backend_check=args.backend_check)
+  check_seeds = (
+    (seeds[: args.backend_check_seeds] if args.backend_check_seeds else seeds)
+    if (args.backend_check)
+    else []
+  )
+  runs = plan_lib.make_plan(arms, seeds, backend_check_seeds=check_seeds)
   all_arms = list(arms) + ([plan_lib.BACKEND_CHECK] if args.backend_check else [])
   start = time.time()
 

@@ -81,11 +81,14 @@ def matched_mean_weight(v: Variant) -> float:
 
 
 def make_plan(
-  arms: Sequence[Variant], seeds: Sequence[int], *, backend_check: bool = False
+  arms: Sequence[Variant], seeds: Sequence[int], *, backend_check_seeds: Sequence[int] = ()
 ) -> list[Run]:
-  """Seed-major run order; the XLA backend-check run closes each seed when requested."""
-  arms = list(arms) + ([BACKEND_CHECK] if backend_check else [])
-  return [Run(v, s) for s in seeds for v in arms]
+  """Seed-major run order; the XLA backend-check run closes each seed of `backend_check_seeds`."""
+  return [
+    Run(v, s)
+    for s in seeds
+    for v in [*arms, *([BACKEND_CHECK] if s in backend_check_seeds else [])]
+  ]
 
 
 def run_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
