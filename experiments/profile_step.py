@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmark import steps
-from tvunet_jax import models
+from tvunet_jax import models, sharding
 from tvunet_jax.kernels import library
 
 # XLA:CPU names a thunk's trace event after its HLO instruction ('ffi_call.113',
@@ -133,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     step = steps.JaxTrainStep(args.model, args.batch, args.dtype)
     hlo, call = step.compiled_text(), step
   else:
-    model = models.build(steps.model_config(args.model, args.dtype).model)
+    model = models.build(
+      steps.model_config(args.model, args.dtype).model, axis_name=sharding.DATA_AXIS
+    )
     size = steps.IMAGE_SIZE
     image = jnp.asarray(
       np.random.default_rng(0).normal(size=(args.batch, size, size, 1)), jnp.float32

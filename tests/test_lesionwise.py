@@ -1,4 +1,4 @@
-"""Tests for tvunet_jax.lesionwise against cc3d + surface_distance and hand-computed values.
+"""Tests for tvunet_jax.metrics.lesionwise against cc3d + surface_distance and hand-computed values.
 
 The reference below follows the BraTS 2023 lesion-wise procedure and the autoPET FP / FN volume
 definition with other libraries' primitives only: cc3d (connected-components-3d) labels the
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from tvunet_jax import lesionwise
+from tvunet_jax.metrics import lesionwise
 
 cc3d = pytest.importorskip("cc3d")
 sd_metrics = pytest.importorskip("surface_distance.metrics")

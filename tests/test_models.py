@@ -203,11 +203,12 @@ def test_backend_is_resolved_once_when_the_model_is_built(monkeypatch):
     "upsample": "subpixel",
     "pool": "reshape",
   }
-  built = models.build(cfg)
+  built = models.build(cfg, axis_name="data")
   assert isinstance(built.conv_backend, conv.ConvOps)
-  assert built.conv_backend.axis_name == "data"  # tvunet_jax.sharding.DATA_AXIS
-  assert built == models.build(cfg) and hash(built.conv_backend) == hash(
-    models.build(cfg).conv_backend
+  assert built.conv_backend.axis_name == "data"  # the caller's mesh axis, kept
+  assert models.build(cfg).conv_backend.axis_name is None  # none given: kernels unsplit
+  assert built == models.build(cfg, axis_name="data") and hash(built.conv_backend) == hash(
+    models.build(cfg, axis_name="data").conv_backend
   )
   xla = models.UNet(base=2, depth=1, dropout=0.0, conv_backend="xla")
   assert xla.conv_backend.backend in ("xla", conv.resolve("xla"))  # the variable may override

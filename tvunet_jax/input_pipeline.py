@@ -18,7 +18,8 @@ import concurrent.futures
 import dataclasses
 import os
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import jax

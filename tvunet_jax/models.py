@@ -45,7 +45,6 @@ import jax.numpy as jnp
 
 from tvunet_jax import layers
 from tvunet_jax.kernels import conv
-from tvunet_jax.sharding import DATA_AXIS
 
 Array = jax.Array
 Dtype = Any
@@ -54,9 +53,10 @@ UPSAMPLE_KINDS = ("conv_transpose", "subpixel")
 POOL_KINDS = layers.POOL_KINDS
 
 
-def conv_ops(backend: str | conv.ConvOps, axis_name: str | None = DATA_AXIS) -> conv.ConvOps:
+def conv_ops(backend: str | conv.ConvOps, axis_name: str | None = None) -> conv.ConvOps:
   """The convolutions for a configured backend ('auto', 'onednn', 'xla'; TVUNET_CONV_BACKEND
-  overrides it), the kernels split along the mesh's data axis; a `ConvOps` is kept as it is."""
+  overrides it), the kernels split along the mesh axis `axis_name` (the caller's: train and
+  predict pass `sharding.DATA_AXIS`; None runs them unsplit); a `ConvOps` is kept as it is."""
   if isinstance(backend, conv.ConvOps):
     return backend
   return conv.choose(backend, axis_name=axis_name)
@@ -224,7 +224,7 @@ class UNet(nn.Module):
       )
 
 
-def build(model_cfg: Any, *, axis_name: str | None = DATA_AXIS) -> UNet:
+def build(model_cfg: Any, *, axis_name: str | None = None) -> UNet:
   """The U-Net a config's `model` block describes, its convolution backend resolved.
 
   Args:
@@ -232,7 +232,8 @@ def build(model_cfg: Any, *, axis_name: str | None = DATA_AXIS) -> UNet:
       num_outputs, dtype, upsample, pool, optional bn_momentum (older contracts: Keras' 0.99) and
       optional conv_backend ('auto' when missing; a `conv.ConvOps` is taken as it is, bypassing
       TVUNET_CONV_BACKEND, e.g. `conv.XLA` for an export).
-    axis_name: the mesh axis the batch is split along, for the oneDNN kernels' per-shard calls.
+    axis_name: the mesh axis the batch is split along, for the oneDNN kernels' per-shard calls
+      (`sharding.DATA_AXIS` under the project's meshes; None: unsplit).
 
   Returns:
     An unbound `UNet` whose `conv_backend` is a `conv.ConvOps`.

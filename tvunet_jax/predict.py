@@ -48,9 +48,9 @@ import tqdm
 from scipy import ndimage
 
 from tvunet_jax import (
-  console,
   atomic,
   checkpointing,
+  console,
   dicom_io,
   input_pipeline,
   metrics,
@@ -79,7 +79,7 @@ def load_model(checkpoint: str, mesh: jax.sharding.Mesh | None = None
   try:
     contract = contract_lib.read(checkpoint)
     contract_lib.check(contract, checkpoint)
-    model = models.build(contract["model"])
+    model = models.build(contract["model"], axis_name=sharding.DATA_AXIS)
     h, w = contract["image_size"]
     abstract = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, h, w, contract.get("in_channels", 1))), train=False))

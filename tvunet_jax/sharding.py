@@ -11,7 +11,8 @@ jitted step, which the oneDNN convolution kernels need to run per shard (`kernel
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np

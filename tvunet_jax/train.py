@@ -312,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_every = t.eval_every_steps if t.eval_every_steps > 0 else steps_per_epoch
 
   # ---------------------------------------------------------------- model and state
-  model = models.build(config.model)
+  model = models.build(config.model, axis_name=sharding.DATA_AXIS)
   ops = model.conv_backend  # resolved once, when the model was built (conv.ConvOps)
   logging.info("convolutions: %s (model.conv_backend %r)", ops.describe(), config.model.conv_backend)
   tx = make_optimizer(t.learning_rate)

@@ -143,7 +143,7 @@ class JaxTrainStep:
     from tvunet_jax import models, sharding, train
 
     self.config = config = model_config(model_name, dtype)
-    self.model = models.build(config.model)
+    self.model = models.build(config.model, axis_name=sharding.DATA_AXIS)
     tx = train.make_optimizer(config.train.learning_rate)
     self.mesh = sharding.make_mesh(1)
     init_fn = functools.partial(
@@ -206,7 +206,7 @@ def jax_network(model_name: str, dtype: str, batch: int):
   """(`predict.SlicePredictor` of the model with random variables, the model) on one device."""
   from tvunet_jax import models, predict, sharding
 
-  model = models.build(model_config(model_name, dtype).model)
+  model = models.build(model_config(model_name, dtype).model, axis_name=sharding.DATA_AXIS)
   variables = _init_variables(model)
   return predict.SlicePredictor(
     model, variables, mesh=sharding.make_mesh(1), batch_size=batch

@@ -238,7 +238,7 @@ def markdown(
     "Dice pooled: over all test slices at 128 px (`test_metrics.json`); Dice 3D and "
     "lesion-wise scores: per test volume at native resolution (volumes averaged, counts "
     "and volumes summed per seed). Isolated FP components: predicted 3D components "
-    "matched to no lesion (BraTS 2023 matching, `tvunet_jax.lesionwise`). `~mean "
+    "matched to no lesion (BraTS 2023 matching, `tvunet_jax.metrics.lesionwise`). `~mean "
     "lambda`: the mean-TV weight a sum-TV weight matches (x 128*127).",
     "",
     "## Difference from the plain U-Net, paired by seed (and volume)",

@@ -4,7 +4,7 @@ After `train.train_and_evaluate` (which resumes a workdir and writes `test_metri
 test volume named in that file (`rp7` -> `<manual_dir>/rp_im/7.nii.gz`, labels in `rp_msk/`) is
 segmented at native resolution with the best checkpoint (`predict.segment_volume`, threshold 0.5,
 no lung derivation) and scored in 3D: Dice at 0.5 and the lesion-wise scores of
-`tvunet_jax.lesionwise` with the volume's own voxel spacing. The record goes to
+`tvunet_jax.metrics.lesionwise` with the volume's own voxel spacing. The record goes to
 `<workdir>/study_volumes.json` (atomically, last, so its presence marks the run finished).
 """
 
@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 
 from experiments.reproduce import plan as plan_lib
-from tvunet_jax import atomic, input_pipeline, lesionwise, metrics, nifti_io, predict, train
+from tvunet_jax import atomic, input_pipeline, metrics, nifti_io, predict, train
 from tvunet_jax.kernels import conv
+from tvunet_jax.metrics import lesionwise
 
 THRESHOLD = 0.5
 

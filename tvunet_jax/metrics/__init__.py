@@ -28,14 +28,13 @@ Modules, each with its conventions in its docstring:
   counts        confusion counts -> ratios; the paper's table; the authors' `paper_miou`
   curves        score histograms, PR curve, average precision
   components    per-slice connected components
+  lesionwise    3D lesion matching: lesion-wise Dice and HD95 (BraTS 2023), FP / FN volumes (autoPET)
   accumulator   per-batch sums (`batch_stats`) and `SegmentationAccumulator`
   report        `summary_scalars` for logging, `to_jsonable` for JSON
 """
 
 from __future__ import annotations
 
-from tvunet_jax.lesionwise import lesionwise_scores, robust_hausdorff
-from tvunet_jax.lesionwise import summarize as summarize_lesionwise
 from tvunet_jax.metrics.accumulator import SegmentationAccumulator, batch_stats
 from tvunet_jax.metrics.components import COMPONENT_KEYS, component_counts
 from tvunet_jax.metrics.counts import (
@@ -58,6 +57,8 @@ from tvunet_jax.metrics.curves import (
   score_histogram,
 )
 from tvunet_jax.metrics.inputs import ArrayLike
+from tvunet_jax.metrics.lesionwise import lesionwise_scores, robust_hausdorff
+from tvunet_jax.metrics.lesionwise import summarize as summarize_lesionwise
 from tvunet_jax.metrics.report import SUMMARY_TABLE_KEYS, summary_scalars, to_jsonable
 
 __all__ = [

@@ -4,7 +4,7 @@ This module owns the connectivity statistics behind the paper's claim that the T
 fewer, connected lesion components: per 2D slice, the number of predicted and true components,
 the predicted components that touch no true pixel (isolated false positives) and the true
 lesions that no predicted pixel touches (missed). Lesion-wise matching in 3D lives in
-`tvunet_jax.lesionwise`.
+`tvunet_jax.metrics.lesionwise`.
 
 Convention (tested): connected components use 8-connectivity in each 2D slice (scipy.ndimage
 `label` with a 3x3 block of ones; 4 on request); a predicted component is an isolated false
