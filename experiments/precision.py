@@ -67,7 +67,7 @@ def main(argv=None) -> int:
   rows = [run(args.out, dtype, seed) for seed in range(args.seeds) for dtype in DTYPES]
   rows.sort(key=lambda r: (DTYPES.index(r["dtype"]), r["seed"]))
   command = "python -m experiments.precision " + " ".join(sys.argv[1:] if argv is None else argv)
-  backend = conv.resolve(default.get_config().model.conv_backend)
+  backend = conv.choose(default.get_config().model.conv_backend).describe()
   atomic.write_json(os.path.join(args.out, "precision.json"),
                     {"command": command, "conv_backend": backend, "runs": rows})
   md = markdown(rows, command.strip(), (time.time() - t0) / 60, backend)

@@ -431,6 +431,34 @@ def test_accumulator_batches_equal_one_shot_and_merge():
       skm.f1_score(labels[sl].ravel(), (probs[sl] >= 0.5).ravel()), rel=1e-12)
 
 
+def test_device_sums_plus_host_slices_equal_update():
+  """What evaluation does: the pixel sums made by `batch_stats` in jnp (weights masking padded
+  rows), the per-slice part added on the host from the thresholded valid rows, equals `update`
+  on the valid rows alone; the per-slice state of two "hosts" adds up to the whole."""
+  (p, y), vols = _random_batch(21, shape=(6, 16, 16)), np.array(["a", "a", "b", "b", "c", ""])
+  valid = np.array([1, 1, 1, 1, 1, 0], np.float32)
+  ref = metrics.SegmentationAccumulator(num_bins=100, volume_names=["a", "b", "c"])
+  ref.update(p[:5], y[:5], volume_ids=vols[:5])
+  acc = metrics.SegmentationAccumulator(num_bins=100, volume_names=["a", "b", "c"])
+  stats = jax.jit(functools.partial(metrics.batch_stats, num_bins=100))(
+      jnp.asarray(p), jnp.asarray(y), jnp.asarray(metrics.PAPER_THRESHOLDS),
+      jnp.asarray(valid)[:, None, None])
+  acc.add_batch_stats(jax.device_get(stats))
+  host_a = metrics.SegmentationAccumulator(num_bins=100, volume_names=["a", "b", "c"])
+  host_b = metrics.SegmentationAccumulator(num_bins=100, volume_names=["a", "b", "c"])
+  host_a.add_slices(p[:3] >= 0.5, y[:3], volume_ids=vols[:3])
+  host_b.add_slices(p[3:5] >= 0.5, y[3:5], volume_ids=vols[3:5])
+  acc.set_slice_state({k: host_a.slice_state()[k] + host_b.slice_state()[k]
+                       for k in metrics.accumulator.SLICE_KEYS})
+  for k, v in ref.state_dict().items():
+    # float32 device sums of <= 1280 pixels are exact integers; the Jaccard sum is float32
+    np.testing.assert_allclose(acc.state_dict()[k], v, rtol=1e-6, err_msg=k)
+  with pytest.raises(ValueError, match="add_batch_stats: tp has shape"):
+    acc.add_batch_stats({**jax.device_get(stats), "tp": np.zeros(3)})
+  with pytest.raises(ValueError, match="pred and labels must be"):
+    acc.add_slices(p[:2] >= 0.5, y[:3])
+
+
 def test_per_volume_dice_and_empty_volume_rule():
   labels = np.zeros((4, 4, 4), bool)
   probs = np.zeros((4, 4, 4), np.float32)

@@ -73,6 +73,16 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   return global_batch_size // n * local
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in global order, as numpy (no transfer
+  between hosts: each device's shard is read where it lives; replicated shards once)."""
+  shards = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0 if shard.index else 0
+    shards.setdefault(start, shard.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
+
+
 def under_mesh(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
   """`fn` (typically a `jax.jit` function) called, and so traced, with `mesh` as context mesh.
 

@@ -38,6 +38,9 @@ from tvunet_jax import (
 )
 
 
+EVAL_NUM_BINS = 1000  # score-histogram bins of the PR curve / AP (`metrics.score_histogram`)
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # () int32, optimizer steps taken
@@ -144,17 +147,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.UNet,
-              loss_cfg: ml_collections.ConfigDict) -> tuple[dict[str, jax.Array], jax.Array]:
-  """Loss sums and probabilities of one padded evaluation batch (padding rows: valid = 0).
+              loss_cfg: ml_collections.ConfigDict, num_bins: int = EVAL_NUM_BINS
+              ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+  """Loss sums, metric sums and probabilities of one padded evaluation batch (padding: valid 0).
 
   The loss is computed per image and averaged over images, so `eval/loss` does not depend on the
   eval batch size; with `dice_weight > 0` its Dice term is per image (training pools the soft Dice
   over its batch), so eval and train losses differ by construction.
 
   Returns:
-    ({"loss_sum", "bce_sum", "tv_sum", "count"} summed over valid rows, probabilities (B, H, W)
-    float32 of the lesion channel, `losses.lesion_channel`). Segmentation metrics are accumulated on the host from
-    the probabilities (`metrics.SegmentationAccumulator`).
+    ({"loss_sum", "bce_sum", "tv_sum", "count"} summed over valid rows;
+     `metrics.batch_stats` of the lesion channel over valid rows (confusion counts at the paper's
+     thresholds, the `num_bins` score histograms, the paper-mIoU sums): sums over the whole
+     batch, so they reduce across devices inside the step;
+     probabilities (B, H, W) float32 of the lesion channel (`losses.lesion_channel`), left
+     batch-sharded: each host reads only its own rows, for the per-slice statistics).
   """
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                        batch["image"], train=False)
@@ -170,7 +177,9 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.U
   probs = jax.nn.sigmoid(logits[..., losses.lesion_channel(logits.shape[-1])])
   sums = {"loss_sum": jnp.sum(loss * valid), "bce_sum": jnp.sum(bce * valid),
           "tv_sum": jnp.sum(tv * valid), "count": jnp.sum(valid)}
-  return sums, probs
+  stats = metrics.batch_stats(probs, batch["label"][..., 0], metrics.PAPER_THRESHOLDS,
+                              valid[:, None, None].astype(probs.dtype), num_bins=num_bins)
+  return sums, stats, probs
 
 
 def make_train_fn(*, model: models.UNet, tx: optax.GradientTransformation,
@@ -189,11 +198,12 @@ def make_train_fn(*, model: models.UNet, tx: optax.GradientTransformation,
 
 def make_eval_fn(*, model: models.UNet, loss_cfg: ml_collections.ConfigDict,
                  mesh: jax.sharding.Mesh, state_shardings: Any):
-  """The one jitted `eval_step`: (state, batch) -> (loss sums, probabilities), both replicated."""
+  """The one jitted `eval_step`: (state, batch) -> (loss sums, metric sums, probabilities); the
+  sums replicated, the probabilities batch-sharded."""
   batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   return sharding.under_mesh(mesh, jax.jit(
       functools.partial(eval_step, model=model, loss_cfg=loss_cfg),
-      in_shardings=(state_shardings, batch_sh), out_shardings=(replicated, replicated)))
+      in_shardings=(state_shardings, batch_sh), out_shardings=(replicated, replicated, batch_sh)))
 
 
 def _check_batch_config(config: ml_collections.ConfigDict, mesh) -> int:
@@ -232,36 +242,43 @@ def evaluate(eval_fn, state: TrainState, source, names: list[str], *,
              local_eval_batch: int) -> dict[str, Any]:
   """A full pass over one split: the threshold table, loss, per-volume and connectivity stats.
 
+  Nothing of the size of an image crosses between hosts: the pixel-level sums come summed from
+  the device (`eval_step`); each host adds the per-slice statistics (per-volume counts,
+  components) of its own rows, and those sums are added over hosts once at the end.
+
   Args:
-    eval_fn: jitted `eval_step` (state, batch) -> (loss sums, probs (B, H, W) replicated).
+    eval_fn: jitted `eval_step` (state, batch) -> (loss sums, metric sums, probs (B, H, W)).
     source: the split's random-access source; names: `volume_names(source)`.
 
   Returns:
     `SegmentationAccumulator.result()` plus loss, bce, tv, num_slices and "overlays" (images,
-    labels, probs of the first `eval.num_overlays` slices). Probabilities come back replicated,
-    so every process builds the same host-side accumulator.
+    labels, probs of the first `eval.num_overlays` slices of this process's rows).
   """
   acc = metrics.SegmentationAccumulator(thresholds=metrics.PAPER_THRESHOLDS,
+                                        num_bins=EVAL_NUM_BINS, volume_names=names,
                                         operating_threshold=config.eval.threshold)
   totals: dict[str, np.ndarray] = {}
   overlays = None
   for batch, meta in input_pipeline.eval_batches(
       source, local_batch_size=local_eval_batch, target=config.data.target,
       intensity=config.data.intensity, sharding=batch_sharding):
-    sums, probs = eval_fn(state, batch)
-    sums = jax.device_get(sums)
-    for k, v in sums.items():
+    sums, stats, probs = eval_fn(state, batch)
+    for k, v in jax.device_get(sums).items():
       totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
-    probs = np.asarray(multihost_utils.process_allgather(probs, tiled=True))
-    labels = np.asarray(multihost_utils.process_allgather(batch["label"], tiled=True))[..., 0]
-    valid = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True)) > 0
-    vol = np.asarray(multihost_utils.process_allgather(
-        np.array([names.index(v) if v else -1 for v in meta["volume_id"]]), tiled=True))
-    acc.update(probs[valid], labels[valid], volume_ids=[names[i] for i in vol[valid]])
+    acc.add_batch_stats(jax.device_get(stats))
+    probs = sharding.local_rows(probs)
+    labels = sharding.local_rows(batch["label"])[..., 0]
+    valid = sharding.local_rows(batch["valid"]) > 0
+    if valid.any():
+      acc.add_slices(probs[valid] >= config.eval.threshold, labels[valid],
+                     volume_ids=meta["volume_id"][valid])
     if overlays is None:
-      images = np.asarray(multihost_utils.process_allgather(batch["image"], tiled=True))[..., 0]
       k = config.eval.num_overlays
+      images = sharding.local_rows(batch["image"])[..., 0]
       overlays = (images[valid][:k], labels[valid][:k], probs[valid][:k])
+  if jax.process_count() > 1:  # each host added its own rows' slices
+    summed = multihost_utils.process_allgather(acc.slice_state())
+    acc.set_slice_state({k: np.sum(v, axis=0) for k, v in summed.items()})
   result = acc.result()
   n = max(float(totals["count"]), 1.0)
   result.update(loss=float(totals["loss_sum"]) / n, bce=float(totals["bce_sum"]) / n,

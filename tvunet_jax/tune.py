@@ -147,7 +147,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   console.quiet_libraries()
   config = _CONFIG.value
-  if conv.resolve(config.model.get("conv_backend", "auto")) != "onednn":
+  if conv.choose(config.model.get("conv_backend", "auto")).backend != "onednn":
     raise SystemExit(f"tune: nothing to measure: the convolutions run on XLA. {library.why()}")
   batches = [_BATCH.value] if _BATCH.value else _local_batches(config, jax.device_count())
   shapes = model_shapes(config.model, batches, (_SIZE.value, _SIZE.value))

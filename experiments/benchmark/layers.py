@@ -134,7 +134,7 @@ def jax_table(batch: int = 8, layers: Sequence[dict] | None = None) -> list[dict
 
   from tvunet_jax.kernels import conv, custom_calls, library, winograd
 
-  backend = conv.resolve("auto")
+  backend = conv.choose("auto").backend
   rows = []
   rng = np.random.default_rng(0)
   for layer in conv_layers(batch) if layers is None else layers:

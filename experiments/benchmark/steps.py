@@ -119,12 +119,12 @@ def _jax():
 def _jax_setup() -> dict[str, Any]:
   jax = _jax()
   from tvunet_jax import host_memory
-  from tvunet_jax.kernels import conv, winograd
+  from tvunet_jax.kernels import conv
 
-  backend = conv.resolve("auto")
+  ops = conv.choose("auto")
   return {
-    "conv_backend": backend,
-    "winograd": winograd.mode_from_env() if backend == "onednn" else None,
+    "conv_backend": ops.backend,
+    "winograd": ops.describe() if ops.backend == "onednn" else None,
     "device_kind": jax.devices()[0].device_kind,
     "num_devices": jax.device_count(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),

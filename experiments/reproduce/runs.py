@@ -68,7 +68,7 @@ def evaluate_run(
     'true_voxels', 'spacing_mm', lesion-wise keys...}]}.
   """
   t0 = time.perf_counter()
-  backend = conv.resolve(config.model.conv_backend)
+  backend = conv.choose(config.model.conv_backend).describe()
   train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, plan_lib.TEST_METRICS_FILE), encoding="utf-8") as f:
     report = json.load(f)

@@ -77,6 +77,11 @@ def batch_stats(
   return out
 
 
+# The state's pixel-level sums (`add_batch_stats`) and per-slice sums (`add_slices`).
+PIXEL_KEYS = ("tp", "fp", "fn", "tn", "pos_hist", "neg_hist", "paper_jaccard_sum", "pixel_count")
+SLICE_KEYS = ("operating_counts", "volume_counts", "components")
+
+
 class SegmentationAccumulator:
   """Host-side eval accumulator: additive numpy state in, the full report out.
 
@@ -238,24 +243,57 @@ class SegmentationAccumulator:
         f"metrics.SegmentationAccumulator.update: probs must lie in [0, 1], got "
         f"range [{p.min()}, {p.max()}]"
       )
-    batch = p.shape[0]
+    self.add_batch_stats(
+      batch_stats(
+        p,
+        y,
+        self.thresholds,
+        w,
+        num_bins=self.num_bins,
+        paper_channels=self.paper_channels,
+        smooth=self.smooth,
+      )
+    )
+    self._add_slices(p >= np.asarray(self.operating_threshold, p.dtype), y, volume_ids, w)
+
+  def add_batch_stats(self, stats: Mapping[str, ArrayLike]) -> None:
+    """Adds pixel-level sums made elsewhere, e.g. on the device: `batch_stats(probs, labels,
+    self.thresholds, weights, num_bins=self.num_bins, paper_channels=self.paper_channels,
+    smooth=self.smooth)` summed over the batch (and over devices and hosts)."""
+    s = self._state
+    for k in PIXEL_KEYS:
+      v = np.asarray(stats[k], np.float64)
+      if v.shape != s[k].shape:
+        raise ValueError(
+          f"metrics.SegmentationAccumulator.add_batch_stats: {k} has shape {v.shape}, the "
+          f"accumulator's is {s[k].shape} (thresholds / num_bins differ)"
+        )
+      s[k] = s[k] + v
+
+  def add_slices(
+    self, pred: ArrayLike, labels: ArrayLike, volume_ids: ArrayLike | None = None
+  ) -> None:
+    """Adds the per-slice statistics of binary predictions at `operating_threshold`: the
+    operating counts, the per-volume counts and the components (the part of `update` that needs
+    whole slices; with `add_batch_stats` of the same batch it equals `update`).
+
+    Args:
+      pred: (B, H, W) bool, `probs >= operating_threshold`; labels: (B, H, W) {0, 1}.
+      volume_ids: optional (B,) as in `update`.
+    """
+    p, y = np.asarray(pred, bool), np.asarray(labels)
+    if p.ndim != 3 or y.shape != p.shape:
+      raise ValueError(
+        f"metrics.SegmentationAccumulator.add_slices: pred and labels must be (B, H, W) alike, "
+        f"got {p.shape} and {y.shape}"
+      )
+    self._add_slices(p, y.astype(bool), volume_ids, None)
+
+  def _add_slices(self, pred, y, volume_ids, w) -> None:
+    batch = pred.shape[0]
     rows = None if volume_ids is None else self._volume_rows(volume_ids, batch)
     s = self._state
-    stats = batch_stats(
-      p,
-      y,
-      self.thresholds,
-      w,
-      num_bins=self.num_bins,
-      paper_channels=self.paper_channels,
-      smooth=self.smooth,
-    )
-    for k in ("tp", "fp", "fn", "tn", "pos_hist", "neg_hist", "paper_jaccard_sum", "pixel_count"):
-      s[k] = s[k] + stats[k]
-
-    # Per-slice statistics at the operating threshold.
-    pred = p >= np.asarray(self.operating_threshold, p.dtype)
-    wp = np.ones(p.shape) if w is None else w
+    wp = np.ones(pred.shape) if w is None else w
     slice_tp = (wp * (pred & y)).reshape(batch, -1).sum(1)
     slice_fp = (wp * (pred & ~y)).reshape(batch, -1).sum(1)
     slice_fn = (wp * (~pred & y)).reshape(batch, -1).sum(1)
@@ -275,6 +313,22 @@ class SegmentationAccumulator:
     s["components"] = s["components"] + np.array(
       [valid.sum(), abs_error] + [cc[k].sum() for k in COMPONENT_KEYS], np.float64
     )
+
+  def slice_state(self) -> dict[str, np.ndarray]:
+    """Copies of the per-slice part of the state (`add_slices`'): what hosts that each added
+    their own rows sum to combine (the pixel sums of `add_batch_stats` are global already)."""
+    return {k: np.array(self._state[k], np.float64) for k in SLICE_KEYS}
+
+  def set_slice_state(self, state: Mapping[str, ArrayLike]) -> None:
+    """Replaces the per-slice part of the state, e.g. by its sum over hosts (same shapes)."""
+    for k in SLICE_KEYS:
+      v = np.asarray(state[k], np.float64)
+      if v.shape != self._state[k].shape:
+        raise ValueError(
+          f"metrics.SegmentationAccumulator.set_slice_state: {k} has shape {v.shape}, "
+          f"expected {self._state[k].shape}"
+        )
+      self._state[k] = v
 
   def merge(self, other: SegmentationAccumulator) -> SegmentationAccumulator:
     """Adds `other`'s statistics into this accumulator, matching volumes by id or name.
