@@ -15,6 +15,7 @@ from tvunet_jax import (
   input_pipeline,
   models,
   nifti_io,
+  outputs,
   phantom,
   predict,
   sharding,
@@ -163,7 +164,7 @@ def test_round_trip_nontrivial_affines(tmp_path):
     path = str(tmp_path / f"{name}.nii.gz")
     nifti_io.save_volume(data, aff, path)
     seg = predict.segment_volume(path, predictor, CONTRACT)
-    report = predict.write_outputs(seg, str(tmp_path / "out"), probabilities=True)
+    report = outputs.write_outputs(seg, str(tmp_path / "out"), probabilities=True)
     out = nib.load(report["outputs"]["mask"])
     src = nib.load(path)
     assert out.shape == src.shape and out.get_data_dtype() == np.uint8
@@ -199,7 +200,7 @@ def test_trailing_singleton_axis_is_kept(tmp_path):
   nifti_io.save_volume(volumes.to_storage(hu)[..., None], _las_affine(), path)
   predictor = predict.SlicePredictor(BandModel(-1050, -675), {}, batch_size=8)
   seg = predict.segment_volume(path, predictor, CONTRACT)
-  report = predict.write_outputs(seg, str(tmp_path / "out"))
+  report = outputs.write_outputs(seg, str(tmp_path / "out"))
   assert nib.load(report["outputs"]["mask"]).shape == (80, 96, 3, 1)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests import dicom_series
 from tfds_builder.covid19_ct_seg import covid19_ct_seg_dataset_builder as builder_lib
-from tvunet_jax import input_pipeline, nifti_io, predict, volumes
+from tvunet_jax import input_pipeline, nifti_io, outputs, predict, volumes
 
 ornt = nib.orientations
 
@@ -140,7 +140,7 @@ def test_outputs_keep_the_input_header(tmp_path, predictor, qform_only):
   path = str(tmp_path / "ct.nii.gz")
   nib.save(img, path)
   seg = predict.segment_volume(path, predictor, CONTRACT)
-  report = predict.write_outputs(seg, str(tmp_path / "out"), probabilities=True)
+  report = outputs.write_outputs(seg, str(tmp_path / "out"), probabilities=True)
   for key, dtype, intent in (("mask", np.uint8, "label"), ("probabilities", np.float32, "none")):
     out = nib.load(report["outputs"][key])
     hdr = out.header
@@ -174,7 +174,7 @@ def test_colliding_names_get_distinct_outputs_and_twice_is_refused(tmp_path):
   a, b = str(tmp_path / "a" / "scan.nii.gz"), str(tmp_path / "b" / "scan.nii.gz")
   specs = predict.plan_inputs([a, b])
   assert [s.stem for s in specs] == ["a_scan", "b_scan"]
-  assert predict.output_stems([("/x/p/a/s.nii", "s"), ("/x/q/a/s.nii", "s"), ("/x/t.nii", "t")]
+  assert outputs.output_stems([("/x/p/a/s.nii", "s"), ("/x/q/a/s.nii", "s"), ("/x/t.nii", "t")]
                               ) == ["p_a_s", "q_a_s", "t"]
   with pytest.raises(nifti_io.VolumeError, match="given twice"):
     predict.plan_inputs([a, str(tmp_path / "a" / ".." / "a" / "scan.nii.gz")])
@@ -187,11 +187,11 @@ def test_outputs_of_another_input_are_never_overwritten(tmp_path, predictor):
   second = _save(volumes.to_storage(_display_volume(seed=1)), LAS,
                  tmp_path / "other" / "scan.nii.gz")
   seg = predict.segment_volume(first, predictor, CONTRACT)
-  predict.write_outputs(seg, str(out))
+  outputs.write_outputs(seg, str(out))
   before = {n: (out / n).read_bytes() for n in os.listdir(out)}
   with pytest.raises(nifti_io.VolumeError, match="would overwrite those of"):
-    predict.check_no_foreign_outputs(predict.plan_inputs([second]), str(out))
-  predict.check_no_foreign_outputs(predict.plan_inputs([first]), str(out))  # a re-run is fine
+    outputs.check_no_foreign_outputs(predict.plan_inputs([second]), str(out))
+  outputs.check_no_foreign_outputs(predict.plan_inputs([first]), str(out))  # a re-run is fine
   assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
 
 
@@ -212,7 +212,7 @@ def test_dicom_series_and_nifti_give_the_same_mask_and_report(tmp_path, predicto
   np.testing.assert_allclose(seg_d.probs, seg_n.probs, atol=1e-6)
   for key in ("lesion_volume_ml", "num_lesions", "per_slice_lesion_area_mm2", "lung_volume_ml"):
     assert seg_d.report[key] == pytest.approx(seg_n.report[key]), key
-  report = predict.write_outputs(seg_d, str(tmp_path / "out"), spec.stem, algorithm_version="t")
+  report = outputs.write_outputs(seg_d, str(tmp_path / "out"), spec.stem, algorithm_version="t")
   import highdicom as hd  # pylint: disable=g-import-not-at-top
   seg = hd.seg.segread(report["outputs"]["dicom_seg"])
   assert seg.number_of_segments == 1 and int(seg.NumberOfFrames) == hu.shape[2]

@@ -1,10 +1,10 @@
 r"""Applying a trained model: a chest-CT volume (NIfTI file or DICOM series) in, a mask and report out.
 
 This module owns inference on whole volumes: loading the network (a checkpoint, or an export with
-no Flax model built), preprocessing exactly as in training (from the contract saved with the
-weights), batched slice inference sharded over the devices, resampling to native resolution, the
-clinical report (lesion volume, lesion count, per-slice area, lung involvement), the overlay
-picture and the atomic writing of every output. `evaluate.py` reuses the slice machinery.
+no Flax model built), planning and reading the inputs, preprocessing exactly as in training (from
+the contract saved with the weights), batched slice inference sharded over the devices,
+resampling to native resolution, and the command line; `outputs.py` writes the results (mask,
+probabilities, report, overlay, DICOM Segmentation). `evaluate.py` reuses the slice machinery.
 
   python -m tvunet_jax.predict --checkpoint runs/demo scan1.nii.gz [SERIES_DIR ...] \
       --out predictions [--probabilities] [--overlay] [--lung_mask lungs1.nii.gz ...]
@@ -13,7 +13,7 @@ picture and the atomic writing of every output. `evaluate.py` reuses the slice m
 Orientation follows the one rule of `volumes.Orientation` (driven by the affine; the TFDS
 builder uses the same), undone on the outputs, so a mask has its input's shape and geometry: a
 NIfTI output keeps the input's header (qform and sform with their codes, pixdim, units); a DICOM
-series (`dicom_io`) also gets a DICOM Segmentation referencing its instances.
+series (`dicom_io`) also gets a DICOM outputs.Segmentation referencing its instances.
 
 Output names: `<stem>_mask.nii.gz` etc., the stem being the file name without `.nii[.gz]` (a
 series: its description and a UID hash). Inputs whose stems collide get their parent folders'
@@ -45,25 +45,19 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import tqdm
-from scipy import ndimage
 
 from tvunet_jax import (
-  atomic,
   checkpointing,
   console,
   dicom_io,
   input_pipeline,
-  metrics,
   models,
   nifti_io,
+  outputs,
   sharding,
   volumes,
-  writers,
 )
 from tvunet_jax import contract as contract_lib
-
-LESION_CONNECTIVITY = 26  # 3D lesions: voxels touching by a face, an edge or a corner
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 # ----------------------------------------------------------------------------- the network
 
@@ -199,14 +193,6 @@ class InputVolume:
   series: dicom_io.CtSeries | None = None  # DICOM input
 
 
-def _nifti_stem(path: str) -> str:
-  name = os.path.basename(path)
-  for ext in NIFTI_ENDINGS:
-    if name.endswith(ext):
-      return name[:-len(ext)]
-  return name
-
-
 def plan_inputs(paths: Sequence[str], *, series: str | None = None) -> list[InputSpec]:
   """The volumes behind the command line's paths, with unique output stems; nothing is read but
   DICOM headers.
@@ -226,40 +212,15 @@ def plan_inputs(paths: Sequence[str], *, series: str | None = None) -> list[Inpu
         desc = str(items[0][1].get("SeriesDescription", "") or "")
         specs.append(InputSpec(source, dicom_io.series_name(uid, desc), uid, tuple(items)))
     else:
-      specs.append(InputSpec(source, _nifti_stem(source)))
+      specs.append(InputSpec(source, outputs.nifti_stem(source)))
   seen: set[tuple[str, str | None]] = set()
   for spec in specs:
     key = (spec.source, spec.series_uid)
     if key in seen:
       raise nifti_io.VolumeError(f"{spec.source}: given twice")
     seen.add(key)
-  stems = output_stems([(s.source, s.stem) for s in specs])
+  stems = outputs.output_stems([(s.source, s.stem) for s in specs])
   return [dataclasses.replace(s, stem=t) for s, t in zip(specs, stems)]
-
-
-def output_stems(items: Sequence[tuple[str, str]]) -> list[str]:
-  """Unique stems for (source path, stem) pairs: colliding stems get their sources' parent folder
-  names prefixed, one level more each round, until they differ ("a/scan.nii.gz" and
-  "b/scan.nii.gz" -> "a_scan", "b_scan")."""
-  parents = [os.path.normpath(os.path.dirname(src)).split(os.sep) for src, _ in items]
-  depth = [0] * len(items)
-
-  def stem(i):
-    prefix = [p for p in parents[i][len(parents[i]) - depth[i]:] if p] if depth[i] else []
-    return "_".join([*prefix, items[i][1]])
-
-  while True:
-    names = [stem(i) for i in range(len(items))]
-    clash = [i for i, n in enumerate(names) if names.count(n) > 1]
-    if not clash:
-      return names
-    grown = False
-    for i in clash:
-      if depth[i] < len(parents[i]):
-        depth[i] += 1
-        grown = True
-    if not grown:  # identical paths: `plan_inputs` refuses those before this
-      raise ValueError(f"cannot make distinct output names for {items[clash[0]][0]}")
 
 
 def load_input(spec: InputSpec) -> InputVolume:
@@ -275,22 +236,9 @@ def load_input(spec: InputSpec) -> InputVolume:
 # ----------------------------------------------------------------------------- one volume
 
 
-@dataclasses.dataclass
-class Segmentation:
-  """Outputs for one volume, in the input's voxel order (X, Y, Z as the file stores them)."""
-  mask: np.ndarray  # input shape, uint8 {0, 1}
-  probs: np.ndarray  # input shape, float32 [0, 1]
-  lung: np.ndarray | None  # input shape, bool, or None (no lung mask)
-  volume: InputVolume  # the input (affine, header, DICOM series)
-  display_hu: np.ndarray  # (H, W, Z) display-oriented CT, for the overlay
-  display_mask: np.ndarray  # (H, W, Z) display-oriented mask
-  orientation: volumes.Orientation
-  report: dict[str, Any]
-
-
 def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
                    lung_mask_path: str | None = None, derive_lung: bool = True,
-                   threshold: float | None = None, progress: bool = False) -> Segmentation:
+                   threshold: float | None = None, progress: bool = False) -> outputs.Segmentation:
   """Segments one CT volume; nothing is written.
 
   Args:
@@ -305,7 +253,7 @@ def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
     progress: show a progress bar over slice batches.
 
   Returns:
-    A `Segmentation` (mask uint8 and probabilities float32 in the input's shape and voxel order,
+    A `outputs.Segmentation` (mask uint8 and probabilities float32 in the input's shape and voxel order,
     the report dict).
 
   Raises:
@@ -315,7 +263,7 @@ def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
   contract_lib.check(contract, "model")
   thr = float(contract["threshold"] if threshold is None else threshold)
   if isinstance(volume, str):
-    volume = load_input(InputSpec(os.path.abspath(volume), _nifti_stem(volume)))
+    volume = load_input(InputSpec(os.path.abspath(volume), outputs.nifti_stem(volume)))
   affine = volume.affine
   if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
     raise nifti_io.VolumeError(f"{volume.source}: singular affine (voxel axes have no orientation)")
@@ -343,7 +291,7 @@ def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
   if lung_display is None and derive_lung:
     lung_display = volumes.derive_lung_mask(hu) | mask
     lung_source = "derived (HU threshold, see tvunet_jax.volumes)"
-  report = volume_report(mask, ori, lung_display)
+  report = outputs.volume_report(mask, ori, lung_display)
   report.update({
       "input": volume.source,
       "series_uid": volume.series.uid if volume.series is not None else None,
@@ -360,179 +308,14 @@ def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
   if float(volume.data.min()) > -500.0:
     report["warnings"].append(f"minimum value {float(volume.data.min()):.0f} > -500: the volume "
                               "does not look like CT in HU (no air); results are meaningless")
-  return Segmentation(
+  return outputs.Segmentation(
       mask=ori.from_display(mask.astype(np.uint8)),
       probs=ori.from_display(probs.astype(np.float32)),
       lung=None if lung_display is None else ori.from_display(lung_display),
       volume=volume, display_hu=hu, display_mask=mask, orientation=ori, report=report)
 
 
-def volume_report(mask: np.ndarray, ori: volumes.Orientation, lung: np.ndarray | None) -> dict[str, Any]:
-  """The clinical numbers of a display-oriented (H, W, Z) bool mask.
-
-  Volumes use |det| of the affine (the voxel volume, also for oblique grids); per-slice areas are
-  listed in the order of the input array's slice axis (`slice_axis`).
-  """
-  voxel_mm3 = float(abs(np.linalg.det(ori.storage_affine[:3, :3])))
-  labels, n = ndimage.label(mask, np.ones((3, 3, 3), bool))
-  sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-  per_slice = mask.sum(axis=(0, 1)).astype(np.float64) * ori.pixel_area_mm2()
-  if ori.slice_axis_flipped:
-    per_slice = per_slice[::-1]
-  out = {
-      "voxel_volume_mm3": voxel_mm3,
-      "lesion_voxels": int(mask.sum()),
-      "lesion_volume_ml": float(mask.sum()) * voxel_mm3 / 1000.0,
-      "num_lesions": int(n),
-      "lesion_volumes_ml": sorted((float(s) * voxel_mm3 / 1000.0 for s in sizes), reverse=True),
-      "slice_axis": ori.slice_axis,
-      "per_slice_lesion_area_mm2": per_slice.tolist(),
-      "slices_with_lesion": int(np.count_nonzero(per_slice)),
-      "lung_volume_ml": None,
-      "lesion_in_lung_ml": None,
-      "percent_lung_involved": None,
-  }
-  if lung is not None:
-    lung_vox = float(lung.sum())
-    inside = float((mask & lung).sum())
-    out.update(lung_volume_ml=lung_vox * voxel_mm3 / 1000.0,
-               lesion_in_lung_ml=inside * voxel_mm3 / 1000.0,
-               percent_lung_involved=100.0 * inside / lung_vox if lung_vox else None)
-  return out
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def save_overlay(seg: Segmentation, path: str, max_slices: int = 12, cols: int = 4) -> None:
-  """PNG grid: the lesion outline (red) over the CT in a lung window, on slices with lesion."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  z_all = seg.display_hu.shape[2]
-  with_lesion = np.flatnonzero(seg.display_mask.any(axis=(0, 1)))
-  pool = with_lesion if with_lesion.size else np.arange(z_all)
-  pick = pool[np.unique(np.linspace(0, pool.size - 1, min(max_slices, pool.size)).round()
-                        .astype(int))]
-  rows = math.ceil(len(pick) / cols)
-  ncols = min(cols, len(pick))
-  fig = Figure(figsize=(3 * ncols, 3.2 * rows))
-  ori = seg.orientation
-  for i, z in enumerate(pick):
-    ax = fig.add_subplot(rows, ncols, i + 1)
-    ax.imshow(writers.to_window(seg.display_hu[:, :, z]), cmap="gray", vmin=0, vmax=1)
-    if seg.display_mask[:, :, z].any():
-      ax.contour(seg.display_mask[:, :, z].astype(np.float32), levels=[0.5], colors="red",
-                 linewidths=0.8)
-    k = ori.shape[ori.slice_axis] - 1 - z if ori.slice_axis_flipped else z
-    ax.set_title(f"slice {k}", fontsize=9)
-    ax.set_axis_off()
-  fig.suptitle(f"{os.path.basename(seg.report['input'])}: lesion outline (red), lung window; "
-               "image left = patient right", fontsize=9)
-  writers.save_figure(fig, path)
-
-
-def output_paths(out_dir: str, stem: str, *, probabilities: bool = False, overlay: bool = False,
-                 dicom_seg: bool = False) -> dict[str, str]:
-  """The files one volume writes (the report last: its presence marks a finished volume)."""
-  paths = {"mask": os.path.join(out_dir, f"{stem}_mask.nii.gz")}
-  if probabilities:
-    paths["probabilities"] = os.path.join(out_dir, f"{stem}_probs.nii.gz")
-  if overlay:
-    paths["overlay"] = os.path.join(out_dir, f"{stem}_overlay.png")
-  if dicom_seg:
-    paths["dicom_seg"] = os.path.join(out_dir, f"{stem}_seg.dcm")
-  paths["report"] = os.path.join(out_dir, f"{stem}_report.json")
-  return paths
-
-
-def check_no_foreign_outputs(specs: Sequence[InputSpec], out_dir: str) -> None:
-  """Refuses, before anything is written, to overwrite another input's outputs in `out_dir`.
-
-  Raises:
-    nifti_io.VolumeError: `<stem>_report.json` exists and names a different input.
-  """
-  import json  # pylint: disable=g-import-not-at-top
-  for spec in specs:
-    report = os.path.join(out_dir, f"{spec.stem}_report.json")
-    if not os.path.exists(report):
-      continue
-    try:
-      with open(report, encoding="utf-8") as f:
-        old = json.load(f)
-    except (OSError, ValueError):
-      old = {}
-    if (old.get("input"), old.get("series_uid")) != (spec.source, spec.series_uid):
-      raise nifti_io.VolumeError(
-          f"{spec.source}: its outputs would overwrite those of {old.get('input', 'another input')}"
-          f" in {out_dir} ({os.path.basename(report)}); choose another --out")
-
-
-def write_outputs(seg: Segmentation, out_dir: str, stem: str | None = None, *,
-                  probabilities: bool = False, overlay: bool = False,
-                  algorithm_version: str = "") -> dict[str, Any]:
-  """Writes mask (+ probabilities, overlay, DICOM SEG) and the JSON report; returns the report.
-
-  `stem` names the files (default: the input file's name without `.nii[.gz]`).
-
-  Every file is written atomically; if any write fails, this volume's finished files are removed
-  too. A NIfTI input's header (qform, sform, codes, pixdim, units) is kept on the NIfTI outputs;
-  the mask is uint8 with the label intent.
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  vol = seg.volume
-  stem = stem or _nifti_stem(vol.source)
-  paths = output_paths(out_dir, stem, probabilities=probabilities, overlay=overlay,
-                       dicom_seg=vol.series is not None)
-  report = dict(seg.report, outputs={k: os.path.abspath(v) for k, v in paths.items()})
-  shape = vol.file_shape or vol.data.shape
-  done = []
-  try:
-    nifti_io.save_volume(seg.mask.reshape(shape), vol.affine, paths["mask"], like=vol.header,
-                         intent=nifti_io.INTENT_LABEL)
-    done.append(paths["mask"])
-    if probabilities:
-      nifti_io.save_volume(seg.probs.reshape(shape), vol.affine, paths["probabilities"],
-                           like=vol.header)
-      done.append(paths["probabilities"])
-    if overlay:
-      save_overlay(seg, paths["overlay"])
-      done.append(paths["overlay"])
-    if vol.series is not None:
-      dicom_io.write_segmentation(seg.mask, vol.series, paths["dicom_seg"],
-                                  algorithm_version=algorithm_version,
-                                  threshold=seg.report["threshold"])
-      done.append(paths["dicom_seg"])
-    atomic.write_json(paths["report"], metrics.to_jsonable(report))
-  except BaseException:
-    for p in done:
-      if os.path.exists(p):
-        os.remove(p)
-    raise
-  return report
-
-
-def console_table(reports: Sequence[dict[str, Any]]) -> str:
-  """A short fixed-width table, one row per volume."""
-  head = (f"{'volume':<28} {'lesion mL':>10} {'lesions':>8} {'slices':>7} {'lung mL':>9} "
-          f"{'% lung':>7}")
-  lines = [head, "-" * len(head)]
-  for r in reports:
-    lung = "-" if r["lung_volume_ml"] is None else f"{r['lung_volume_ml']:.1f}"
-    pct = "-" if r["percent_lung_involved"] is None else f"{r['percent_lung_involved']:.2f}"
-    name = os.path.basename(r["outputs"]["report"])[:-len("_report.json")]
-    lines.append(f"{name[:28]:<28} {r['lesion_volume_ml']:>10.2f} "
-                 f"{r['num_lesions']:>8d} {r['slices_with_lesion']:>7d} {lung:>9} {pct:>7}")
-  return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- command line
-
-
-def _version() -> str:
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
-  try:
-    return f"tvunet_jax {importlib.metadata.version('tvunet_jax')}"
-  except importlib.metadata.PackageNotFoundError:
-    return "tvunet_jax"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -575,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.lung_mask and len(args.lung_mask) != len(specs):
     return fail(f"{len(args.lung_mask)} --lung_mask for {len(specs)} volumes")
   try:
-    check_no_foreign_outputs(specs, args.out)
+    outputs.check_no_foreign_outputs(specs, args.out)
     if args.model:
       from tvunet_jax import exported  # pylint: disable=g-import-not-at-top
       predictor = exported.load_exported(args.model, runtime=args.runtime,
@@ -596,15 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            derive_lung=not args.no_lung, threshold=args.threshold,
                            progress=not args.no_progress)
       seg.report["model"] = model_source
-      reports.append(write_outputs(seg, args.out, spec.stem, probabilities=args.probabilities,
-                                   overlay=args.overlay, algorithm_version=_version()))
+      reports.append(outputs.write_outputs(seg, args.out, spec.stem, probabilities=args.probabilities,
+                                   overlay=args.overlay, algorithm_version=outputs.algorithm_version()))
       for w in seg.report["warnings"]:
         print(f"warning: {spec.source}: {w}", file=sys.stderr)
     except (nifti_io.VolumeError, ValueError) as e:
       print(f"error: {e}", file=sys.stderr)
       failed += 1
   if reports:
-    print(console_table(reports))
+    print(outputs.console_table(reports))
     print(f"outputs: {os.path.abspath(args.out)}")
   return 2 if failed else 0
 
