@@ -92,7 +92,7 @@ def test_evaluation_is_the_same_on_one_and_eight_devices(tiny_config):
   component counts, with the eval batch padded (9 test slices in batches of 8)."""
   cfg = tiny_config
   src = input_pipeline.load_split(cfg.data.data_dir, "paper_128", "test")
-  names = train.volume_names(src)
+  names = input_pipeline.volume_names(src)
   model = models.build(cfg.model, axis_name=sharding.DATA_AXIS)
   tx = train.make_optimizer(cfg.train.learning_rate)
   init = functools.partial(train.create_state, model=model, tx=tx, image_shape=(128, 128, 1))

@@ -4,7 +4,8 @@ This module owns the offline evaluation of one or more training workdirs: restor
 checkpoint (weights and input contract, through `predict.load_model`), one pass over the split at
 the network's resolution (the TFDS config the run trained on, e.g. 128x128) and one at native
 resolution (the `native` TFDS config: each slice resized to the network, its probabilities
-resized back bilinearly, compared with the full-resolution mask), and the outputs:
+resized back bilinearly, compared with the full-resolution mask), and the outputs (written by
+`evaluation_report.py`):
 
   metrics.json   per run and resolution: the paper's per-threshold table (precision, recall,
                  Dice, IoU, specificity, `paper_miou`, ...), class-mean IoU, average precision,
@@ -29,7 +30,6 @@ if __name__ == "__main__":  # run as a program: before JAX's threads exist
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -41,20 +41,18 @@ import tqdm
 
 from tfds_builder import covid19_ct_seg
 from tvunet_jax import (
-  atomic,
   checkpointing,
   console,
+  evaluation_report,
   input_pipeline,
   metrics,
   nifti_io,
   predict,
   sharding,
   volumes,
-  writers,
 )
 from tvunet_jax import contract as contract_lib
 
-RESOLUTIONS = ("network", "native")
 NATIVE_CONFIG = "native"
 
 
@@ -271,165 +269,6 @@ def evaluate_run(workdir: str, *, split: str = "test", checkpoint: str | None = 
           "network": network, "native": native_result, "overlays": overlays}
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-  if v is None or (isinstance(v, float) and not math.isfinite(v)):
-    return "n/a"
-  return f"{v:.{digits}f}"
-
-
-def markdown_report(runs: dict[str, dict], split: str) -> str:
-  """All runs in one set of markdown tables (summary, per threshold, connectivity, volumes)."""
-  out = [f"# Evaluation on split `{split}`", ""]
-  for name, r in runs.items():
-    c = r["contract"]
-    out.append(f"- **{name}**: `{r['checkpoint']['path']}` (step {r['checkpoint']['step']}), "
-               f"target {c['target']}, intensity {c['intensity']}, network "
-               f"{c['image_size'][0]}x{c['image_size'][1]}, operating threshold {c['threshold']}")
-  out += ["", "`paper_miou` is the authors' smoothed per-pixel score (>= 0.98 for any "
-          "prediction), not an IoU; read `iou` and `class_mean_iou`.", "",
-          "## Summary at the operating threshold", "",
-          "| run | resolution | Dice | IoU | class-mean IoU | precision | recall | specificity | "
-          "AP | mean volume Dice | paper_miou |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for name, r in runs.items():
-    for res in RESOLUTIONS:
-      m = r.get(res)
-      if m is None:
-        continue
-      op = m["operating"]
-      out.append(f"| {name} | {res} | {_fmt(op['dice'])} | {_fmt(op['iou'])} | "
-                 f"{_fmt(op['class_mean_iou'])} | {_fmt(op['precision'])} | "
-                 f"{_fmt(op['recall'])} | {_fmt(op['specificity'])} | "
-                 f"{_fmt(m['average_precision'])} | {_fmt(m['mean_volume_dice'])} | "
-                 f"{_fmt(op['paper_miou'])} |")
-  out += ["", "## The paper's table (per threshold)", "",
-          "| run | resolution | threshold | precision | recall | Dice | IoU | specificity | "
-          "class-mean IoU | paper_miou |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for name, r in runs.items():
-    for res in RESOLUTIONS:
-      m = r.get(res)
-      if m is None:
-        continue
-      for i, t in enumerate(m["threshold"]):
-        out.append(f"| {name} | {res} | {t:.1f} | {_fmt(m['precision'][i])} | "
-                   f"{_fmt(m['recall'][i])} | {_fmt(m['dice'][i])} | {_fmt(m['iou'][i])} | "
-                   f"{_fmt(m['specificity'][i])} | {_fmt(m['class_mean_iou'][i])} | "
-                   f"{_fmt(m['paper_miou'][i])} |")
-  out += ["", "## Connectivity (per slice, 8-connected, at the operating threshold)", "",
-          "| run | resolution | slices | predicted components | true components | "
-          "count MAE | isolated FP / slice | isolated FP fraction | missed lesions |",
-          "|---|---|---|---|---|---|---|---|---|"]
-  for name, r in runs.items():
-    for res in RESOLUTIONS:
-      m = r.get(res)
-      if m is None:
-        continue
-      cc = m["connectivity"]
-      out.append(f"| {name} | {res} | {cc['num_slices']} | {_fmt(cc['mean_pred_components'], 2)}"
-                 f" | {_fmt(cc['mean_true_components'], 2)} | "
-                 f"{_fmt(cc['component_count_mae'], 2)} | "
-                 f"{_fmt(cc['isolated_fp_components_per_slice'], 2)} | "
-                 f"{_fmt(cc['isolated_fp_fraction'], 3)} | "
-                 f"{_fmt(cc['missed_lesion_fraction'], 3)} |")
-  out += ["", "## Lesion-wise (3D components per volume, native resolution; BraTS 2023 "
-          "lesion-wise Dice and HD95, autoPET FP/FN volume)", "",
-          "| run | volume | lesions | predicted | lesion Dice | lesion HD95 mm | detection F1 | "
-          "FP mL | FN mL |", "|---|---|---|---|---|---|---|---|---|"]
-  for name, r in runs.items():
-    lw = (r.get("native") or {}).get("lesionwise")
-    for vid, v in (lw or {}).get("per_volume", {}).items():
-      out.append(f"| {name} | {vid} | {v['num_gt_lesions']} | {v['num_pred_components']} | "
-                 f"{_fmt(v['lesion_dice'])} | {_fmt(v['lesion_hd95'], 1)} | "
-                 f"{_fmt(v['lesion_f1'])} | {_fmt(v['fp_volume_ml'], 3)} | "
-                 f"{_fmt(v['fn_volume_ml'], 3)} |")
-  out += ["", "## Per-volume Dice (operating threshold)", "",
-          "| run | resolution | volume | slices | Dice |", "|---|---|---|---|---|"]
-  for name, r in runs.items():
-    for res in RESOLUTIONS:
-      m = r.get(res)
-      if m is None:
-        continue
-      pv = m["per_volume"]
-      for vid, ns, d in zip(pv["volume_id"], pv["num_slices"], pv["dice"]):
-        out.append(f"| {name} | {res} | {vid} | {int(ns)} | {_fmt(float(d))} |")
-  return "\n".join(out) + "\n"
-
-
-
-def plot_pr_curves(runs: dict[str, dict], path: str) -> None:
-  """Precision-recall curves of every run and resolution in one PNG."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(5.5, 5))
-  ax = fig.add_subplot(1, 1, 1)
-  for k, (name, r) in enumerate(runs.items()):
-    color = f"C{k}"
-    for res, style in zip(RESOLUTIONS, ("-", "--")):
-      m = r.get(res)
-      if m is None:
-        continue
-      pr = m["pr_curve"]
-      ax.plot(pr["recall"], pr["precision"], style, color=color,
-              label=f"{name} {res} (AP {_fmt(m['average_precision'], 3)})")
-  ax.set_xlabel("recall")
-  ax.set_ylabel("precision")
-  ax.set_xlim(0, 1)
-  ax.set_ylim(0, 1.02)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower left")
-  ax.set_title("Precision-recall (pixels)")
-  writers.save_figure(fig, path)
-
-
-def plot_overlays(runs: dict[str, dict], keys: Sequence[tuple[str, int]], path: str) -> None:
-  """Rows = slices; columns = CT (lung window) | ground truth (green) | each run (red)."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  first = next(iter(runs.values()))
-  keys = [k for k in keys if all(k in r["overlays"] for r in runs.values())]
-  if not keys:
-    return
-  cols = 2 + len(runs)
-  fig = Figure(figsize=(2.6 * cols, 2.7 * len(keys)))
-  for i, key in enumerate(keys):
-    image, label, _ = first["overlays"][key]
-    panels = []
-    for r in runs.values():
-      _, _, probs = r["overlays"][key]
-      thr = float(r["contract"]["threshold"])
-      # (H, 3W, 3): CT | truth | prediction; the prediction column differs per run.
-      panels.append(writers.overlay_panels(image[None], label[None], probs[None], thr))
-    w = image.shape[1]
-    columns = [panels[0][:, :w], panels[0][:, w:2 * w]] + [p[:, 2 * w:] for p in panels]
-    titles = ["CT", "ground truth"] + list(runs)
-    for j, (panel, title) in enumerate(zip(columns, titles)):
-      ax = fig.add_subplot(len(keys), cols, i * cols + j + 1)
-      ax.imshow(panel)
-      ax.set_axis_off()
-      ax.set_title(f"{title}" + (f"\n{key[0]} slice {key[1]}" if j == 0 else ""), fontsize=8)
-  writers.save_figure(fig, path)
-
-
-def write_outputs(runs: dict[str, dict], split: str, out_dir: str,
-                  overlay_keys: Sequence[tuple[str, int]]) -> dict[str, str]:
-  """metrics.json, metrics.md, pr_curve.png, overlays.png into `out_dir`; returns the paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {k: os.path.join(out_dir, f) for k, f in (
-      ("json", "metrics.json"), ("markdown", "metrics.md"), ("pr_curve", "pr_curve.png"),
-      ("overlays", "overlays.png"))}
-  payload = {"split": split, "versions": checkpointing.library_versions(),
-             "overlay_slices": [list(k) for k in overlay_keys],
-             "run_order": list(runs),  # the JSON writer sorts keys
-             "runs": {name: {k: v for k, v in r.items() if k != "overlays"}
-                      for name, r in runs.items()}}
-  atomic.write_json(paths["json"], metrics.to_jsonable(payload))
-  atomic.write_text(paths["markdown"], markdown_report(runs, split))
-  plot_pr_curves(runs, paths["pr_curve"])
-  plot_overlays(runs, overlay_keys, paths["overlays"])
-  return paths
-
-
 def run_names(workdirs: Sequence[str]) -> list[str]:
   """Basenames of the workdirs, made unique with a suffix."""
   names: list[str] = []
@@ -474,7 +313,7 @@ def evaluate_workdirs(workdirs: Sequence[str], *, split: str = "test",
     runs[name] = evaluate_run(w, split=split, checkpoint=checkpoint, mesh=mesh,
                               batch_size=batch_size, native=native, overlay_keys=keys,
                               manual_dir=manual_dir, data_dir=data_dir, progress=progress)
-  paths = write_outputs(runs, split, out_dir, keys)
+  paths = evaluation_report.write_outputs(runs, split, out_dir, keys)
   return {"runs": runs, "paths": paths}
 
 
@@ -510,13 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for name, r in result["runs"].items():
-    for res in RESOLUTIONS:
+    for res in evaluation_report.RESOLUTIONS:
       m = r[res]
       if m is not None:
         op = m["operating"]
-        print(f"{name} {res}: dice {_fmt(op['dice'])} iou {_fmt(op['iou'])} "
-              f"AP {_fmt(m['average_precision'])} mean volume dice "
-              f"{_fmt(m['mean_volume_dice'])}")
+        print(f"{name} {res}: dice {evaluation_report.fmt(op['dice'])} iou {evaluation_report.fmt(op['iou'])} "
+              f"AP {evaluation_report.fmt(m['average_precision'])} mean volume dice "
+              f"{evaluation_report.fmt(m['mean_volume_dice'])}")
   print(f"wrote {', '.join(result['paths'].values())}")
   return 0
 

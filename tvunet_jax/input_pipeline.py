@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,9 +27,11 @@ import jax
 import numpy as np
 import scipy.ndimage
 import tensorflow_datasets as tfds
+from absl import logging
+from jax.experimental import multihost_utils
 
 from tfds_builder import covid19_ct_seg
-from tvunet_jax import atomic
+from tvunet_jax import atomic, console
 
 # Lung window (W 1500, L -600): the intensity range a radiologist reads lung infection in.
 LUNG_WINDOW = (-1350.0, 150.0)
@@ -88,6 +91,26 @@ def prepare_dataset(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
     with atomic.replacing_dir(manual_dir, overwrite=True) as tmp:
       phantom_lib.write_medseg_phantom(tmp, overwrite=True, **phantom)
   covid19_ct_seg.build(manual_dir, data_dir, builder_config)
+
+
+def prepare_data(config: Any, workdir: str) -> str:
+  """A run's data, by process 0 (the others wait): the phantom if configured and absent, and the
+  TFDS build (`prepare_dataset`, TFDS's prints held back by `console`); returns data_dir."""
+  d = config.data
+  manual_dir, data_dir = data_dirs(workdir, d.manual_dir, d.data_dir)
+  if jax.process_index() == 0:
+    t0 = time.time()
+    with console.library_prints():  # TFDS's "Downloading and preparing dataset Unknown size"
+      prepare_dataset(manual_dir, data_dir, d.builder_config,
+                      phantom=d.phantom.to_dict() if d.generate_phantom else None)
+    logging.info("data: %s in %s (%.0f s)", d.builder_config, data_dir, time.time() - t0)
+  multihost_utils.sync_global_devices("data prepared")
+  return data_dir
+
+
+def volume_names(source) -> list[str]:
+  """Sorted volume ids of a split (decodes every example: call once per split)."""
+  return sorted({source[i]["volume_id"].decode() for i in range(len(source))})
 
 
 def load_split(data_dir: str | os.PathLike, config: str, split: str):

@@ -26,7 +26,6 @@ from jax.experimental import multihost_utils
 from tvunet_jax import (
   atomic,
   checkpointing,
-  console,
   contract,
   input_pipeline,
   losses,
@@ -36,7 +35,6 @@ from tvunet_jax import (
   sharding,
   writers,
 )
-
 
 EVAL_NUM_BINS = 1000  # score-histogram bins of the PR curve / AP (`metrics.score_histogram`)
 
@@ -232,11 +230,6 @@ def _check_batch_config(config: ml_collections.ConfigDict, mesh) -> int:
   return per_device
 
 
-def volume_names(source) -> list[str]:
-  """Sorted volume ids of a split (decodes every example: call once per split)."""
-  return sorted({source[i]["volume_id"].decode() for i in range(len(source))})
-
-
 def evaluate(eval_fn, state: TrainState, source, names: list[str], *,
              config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Sharding,
              local_eval_batch: int) -> dict[str, Any]:
@@ -248,7 +241,7 @@ def evaluate(eval_fn, state: TrainState, source, names: list[str], *,
 
   Args:
     eval_fn: jitted `eval_step` (state, batch) -> (loss sums, metric sums, probs (B, H, W)).
-    source: the split's random-access source; names: `volume_names(source)`.
+    source: the split's random-access source; names: `input_pipeline.volume_names(source)`.
 
   Returns:
     `SegmentationAccumulator.result()` plus loss, bce, tv, num_slices and "overlays" (images,
@@ -286,20 +279,6 @@ def evaluate(eval_fn, state: TrainState, source, names: list[str], *,
   return result
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Phantom (if configured and absent) and the TFDS build, by process 0; returns data_dir."""
-  d = config.data
-  manual_dir, data_dir = input_pipeline.data_dirs(workdir, d.manual_dir, d.data_dir)
-  if jax.process_index() == 0:
-    t0 = time.time()
-    with console.library_prints():  # TFDS's "Downloading and preparing dataset Unknown size"
-      input_pipeline.prepare_dataset(manual_dir, data_dir, d.builder_config,
-                                     phantom=d.phantom.to_dict() if d.generate_phantom else None)
-    logging.info("data: %s in %s (%.0f s)", d.builder_config, data_dir, time.time() - t0)
-  multihost_utils.sync_global_devices("data prepared")
-  return data_dir
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, validates, checkpoints and finally tests; returns the last metrics (host floats)."""
   workdir = os.path.abspath(workdir)
@@ -313,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.devices()[0].device_kind, dict(mesh.shape))
 
   # ---------------------------------------------------------------- data
-  data_dir = prepare_data(config, workdir)
+  data_dir = input_pipeline.prepare_data(config, workdir)
   train_src = input_pipeline.load_split(data_dir, config.data.builder_config, "train")
   eval_src = input_pipeline.load_split(data_dir, config.data.builder_config,
                                        config.data.eval_split)
@@ -381,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_fn = make_eval_fn(model=model, loss_cfg=config.loss, mesh=mesh, state_shardings=state_sh)
   local_eval_batch = sharding.local_batch_size(config.eval.batch_size, mesh)
 
-  eval_names = volume_names(eval_src)
+  eval_names = input_pipeline.volume_names(eval_src)
 
   def run_eval(source, names, prefix):
     result = evaluate(eval_fn, state, source, names, config=config, batch_sharding=batch_sh,
@@ -461,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if finished and config.data.test_split:
       test_src = input_pipeline.load_split(data_dir, config.data.builder_config,
                                            config.data.test_split)
-      result, _ = run_eval(test_src, volume_names(test_src), "test")
+      result, _ = run_eval(test_src, input_pipeline.volume_names(test_src), "test")
       result.pop("overlays")
       final.update({f"test/{k}": v for k, v in
                     metrics.summary_scalars(result, threshold=config.eval.threshold).items()})
