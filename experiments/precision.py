@@ -42,18 +42,26 @@ def run(out: str, dtype: str, seed: int) -> dict:
 
 
 def markdown(rows: list[dict], command: str, minutes: float, backend: str) -> str:
-  lines = [f"Command: `{command}`; convolutions: {backend}; wall time {minutes:.1f} min.", "",
-           "| dtype | seed | " + " | ".join(METRICS) + " |", "|---|---:" + "|---:" * len(METRICS)
-           + "|"]
-  lines += [f"| {r['dtype']} | {r['seed']} | " + " | ".join(f"{r[k]:.4f}" for k in METRICS)
-            + " |" for r in rows]
+  lines = [
+    f"Command: `{command}`; convolutions: {backend}; wall time {minutes:.1f} min.",
+    "",
+    "| dtype | seed | " + " | ".join(METRICS) + " |",
+    "|---|---:" + "|---:" * len(METRICS) + "|",
+  ]
+  lines += [
+    f"| {r['dtype']} | {r['seed']} | " + " | ".join(f"{r[k]:.4f}" for k in METRICS) + " |"
+    for r in rows
+  ]
   lines += ["", "| dtype | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
   for dtype in DTYPES:
     v = np.array([[r[k] for k in METRICS] for r in rows if r["dtype"] == dtype], np.float64)
     if len(v):
       sd = v.std(axis=0, ddof=1) if len(v) > 1 else np.zeros(len(METRICS))
-      lines.append(f"| {dtype} | " + " | ".join(
-          f"{m:.4f} ± {s:.4f}" for m, s in zip(v.mean(axis=0), sd)) + " |")
+      lines.append(
+        f"| {dtype} | "
+        + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(v.mean(axis=0), sd))
+        + " |"
+      )
   lines += ["", "Test split at threshold 0.5; mean ± sample std over seeds."]
   return "\n".join(lines) + "\n"
 
@@ -68,8 +76,10 @@ def main(argv=None) -> int:
   rows.sort(key=lambda r: (DTYPES.index(r["dtype"]), r["seed"]))
   command = "python -m experiments.precision " + " ".join(sys.argv[1:] if argv is None else argv)
   backend = conv.choose(default.get_config().model.conv_backend).describe()
-  atomic.write_json(os.path.join(args.out, "precision.json"),
-                    {"command": command, "conv_backend": backend, "runs": rows})
+  atomic.write_json(
+    os.path.join(args.out, "precision.json"),
+    {"command": command, "conv_backend": backend, "runs": rows},
+  )
   md = markdown(rows, command.strip(), (time.time() - t0) / 60, backend)
   atomic.write_text(os.path.join(args.out, "precision.md"), md)
   print(md)

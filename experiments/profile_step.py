@@ -81,7 +81,9 @@ def _custom_call_targets(hlo: str) -> dict[str, str]:
   names = {target: f"oneDNN {_OP_NAMES[op]}" for op, target in library.TARGETS.items()}
   # One Winograd target serves the forward pass and the input gradient (its `transposed` flag).
   names.update(
-    zip(library.WINOGRAD_TARGETS, ("Winograd conv forward / input grad", "Winograd conv weight grad"))
+    zip(
+      library.WINOGRAD_TARGETS, ("Winograd conv forward / input grad", "Winograd conv weight grad")
+    )
   )
   out = {}
   for m in re.finditer(r'%?([\w.\-]+) = [^\n]*custom_call_target="(\w+)"', hlo):

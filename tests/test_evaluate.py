@@ -38,6 +38,7 @@ def runs(tiny_data, tmp_path_factory):
   """A real 2-step tiny run (with its final test metrics) and a copy served by the oracle."""
   from tests.conftest import tiny_config_for  # pylint: disable=g-import-not-at-top
   from tvunet_jax import train  # pylint: disable=g-import-not-at-top
+
   cfg = tiny_config_for(tiny_data)
   cfg.train.num_steps = 2
   root = tmp_path_factory.mktemp("evaluate")
@@ -53,10 +54,13 @@ def with_oracle(runs, tiny_data, monkeypatch):
   """`predict.load_model` serves the oracle for the workdir named 'oracle'."""
   contract = contract_lib.read(runs[0])
   src = input_pipeline.load_split(tiny_data[1], "paper_128", "test")
-  pre = [input_pipeline.preprocess(src[i], target=contract["target"],
-                                   intensity=contract["intensity"]) for i in range(len(src))]
-  oracle = OracleModel(np.stack([p["image"][..., 0] for p in pre]),
-                       np.stack([p["label"][..., 0] for p in pre]))
+  pre = [
+    input_pipeline.preprocess(src[i], target=contract["target"], intensity=contract["intensity"])
+    for i in range(len(src))
+  ]
+  oracle = OracleModel(
+    np.stack([p["image"][..., 0] for p in pre]), np.stack([p["label"][..., 0] for p in pre])
+  )
   real_load = predict.load_model
 
   def load(path, mesh=None):
@@ -84,8 +88,9 @@ def test_perfect_model_scores_one_at_both_resolutions(with_oracle, tiny_data, tm
     # a lesion edge pixel gets 0.2..0.8: thresholds 0.3..0.7 recover the mask exactly, 0.1 and
     # 0.9 do not (the honest cost of resampling).
     rows = slice(None) if res == "network" else slice(2, 7)
-    np.testing.assert_allclose(m["threshold"][rows][[0, -1]],
-                               [0.1, 0.9] if res == "network" else [0.3, 0.7])
+    np.testing.assert_allclose(
+      m["threshold"][rows][[0, -1]], [0.1, 0.9] if res == "network" else [0.3, 0.7]
+    )
     for k in ("dice", "iou", "precision", "recall", "specificity", "paper_miou"):
       np.testing.assert_array_equal(m[k][rows], 1.0, err_msg=f"{res} {k}")
       assert m["operating"][k] == 1.0
@@ -115,12 +120,15 @@ def test_network_pass_reproduces_the_training_test_metrics(runs, tmp_path):
 
 def test_average_precision_agrees_with_sklearn(runs, tiny_data, tmp_path):
   real, _ = runs
-  m = evaluate.evaluate_workdirs([real], out_dir=str(tmp_path / "eval"),
-                                 native=False)["runs"]["real"]["network"]
+  m = evaluate.evaluate_workdirs([real], out_dir=str(tmp_path / "eval"), native=False)["runs"][
+    "real"
+  ]["network"]
   model, variables, contract = predict.load_model(real)
   src = input_pipeline.load_split(tiny_data[1], "paper_128", "test")
-  pre = [input_pipeline.preprocess(src[i], target=contract["target"],
-                                   intensity=contract["intensity"]) for i in range(len(src))]
+  pre = [
+    input_pipeline.preprocess(src[i], target=contract["target"], intensity=contract["intensity"])
+    for i in range(len(src))
+  ]
   probs = predict.SlicePredictor(model, variables)(np.stack([p["image"][..., 0] for p in pre]))
   labels = np.stack([p["label"][..., 0] for p in pre])
   ref = average_precision_score(labels.ravel(), probs.ravel())
@@ -130,12 +138,12 @@ def test_average_precision_agrees_with_sklearn(runs, tiny_data, tmp_path):
 def test_two_workdirs_side_by_side(with_oracle, tmp_path, capsys):
   real, oracle = with_oracle
   out = str(tmp_path / "compare")
-  rc = evaluate.main(["--workdir", real, "--workdir", oracle, "--out", out, "--no_progress",
-                      "--num_overlays", "3"])
+  rc = evaluate.main(
+    ["--workdir", real, "--workdir", oracle, "--out", out, "--no_progress", "--num_overlays", "3"]
+  )
   assert rc == 0
   assert "oracle network: dice 1.0000" in capsys.readouterr().out
-  assert sorted(os.listdir(out)) == ["metrics.json", "metrics.md", "overlays.png",
-                                     "pr_curve.png"]
+  assert sorted(os.listdir(out)) == ["metrics.json", "metrics.md", "overlays.png", "pr_curve.png"]
   with open(os.path.join(out, "metrics.json")) as f:
     report = json.load(f)
   assert report["run_order"] == ["real", "oracle"] and set(report["runs"]) == {"real", "oracle"}
@@ -154,14 +162,17 @@ def test_two_workdirs_side_by_side(with_oracle, tmp_path, capsys):
   assert overlay.shape[0] > overlay.shape[1] * 0.6  # 3 rows of 4 panels
 
 
-@pytest.mark.parametrize("args,match", [
+@pytest.mark.parametrize(
+  "args,match",
+  [
     (["--workdir", "/nonexistent/run"], "/nonexistent/run"),
     (["--checkpoint", "7"], "no checkpoint at step 7"),
     (["--split", "nope"], "cannot read split 'nope'"),
-])
+  ],
+)
 def test_bad_arguments_one_line_error(runs, tmp_path, capsys, args, match):
   real, _ = runs
-  argv = (args if args[0] == "--workdir" else ["--workdir", real] + args)
+  argv = args if args[0] == "--workdir" else ["--workdir", real] + args
   out = tmp_path / "eval"
   rc = evaluate.main(argv + ["--out", str(out), "--no_progress", "--no_native"])
   err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -174,17 +185,25 @@ def test_overlay_slice_choice_and_parsing():
     mask = np.zeros((4, 4), np.uint8)
     mask.flat[:area] = 1
     return {"mask": mask, "volume_id": vid.encode(), "slice_index": idx}
+
   source = [ex("a", 0, 5), ex("a", 1, 0), ex("a", 2, 9), ex("b", 0, 3), ex("b", 1, 7)]
   # Volume a has the largest lesion (9), then b (7); round-robin: a2, b1, a0, b0.
-  assert evaluate.choose_overlay_slices(source, "ground_glass", 3) == [
-      ("a", 2), ("b", 1), ("a", 0)]
+  assert evaluate.choose_overlay_slices(source, "ground_glass", 3) == [("a", 2), ("b", 1), ("a", 0)]
   assert evaluate.parse_slices("rp7:3, rp8:10") == [("rp7", 3), ("rp8", 10)]
   with pytest.raises(ValueError, match="volume:slice"):
     evaluate.parse_slices("rp7")
 
 
 def test_inference_does_not_import_the_training_loop():
-  code = ("import sys, tvunet_jax.evaluate, tvunet_jax.predict; "
-          "sys.exit('tvunet_jax.train' in sys.modules)")
-  assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(
-      os.path.dirname(os.path.abspath(__file__))), timeout=120).returncode == 0
+  code = (
+    "import sys, tvunet_jax.evaluate, tvunet_jax.predict; "
+    "sys.exit('tvunet_jax.train' in sys.modules)"
+  )
+  assert (
+    subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      timeout=120,
+    ).returncode
+    == 0
+  )

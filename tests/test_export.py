@@ -163,8 +163,9 @@ def test_output_channel_and_max_pool(tmp_path):
   np.testing.assert_allclose(np.asarray(module.call(x)), want, atol=TOL, rtol=0)
 
   base = {"image_size": [32, 32], "intensity": "raw_hu", "target": "lesion", "threshold": 0.5}
-  assert contract_lib.output_channel({**base, "model": {"num_outputs": 2},
-                                      "output_channel": 1}) == 1
+  assert (
+    contract_lib.output_channel({**base, "model": {"num_outputs": 2}, "output_channel": 1}) == 1
+  )
   assert contract_lib.output_channel({**base, "model": {"num_outputs": 1}}) == 0
   for bad in (2, -1, True, "1"):
     with pytest.raises(ValueError) as e:
@@ -499,19 +500,25 @@ def test_predict_from_an_export_equals_the_checkpoint_path(run, exports, tmp_pat
 
   hu, _, _ = phantom.generate_volume(np.random.default_rng(3), 96, 6, lesion=True)
   stored = np.ascontiguousarray(np.transpose(phantom.to_storage(hu), (1, 0, 2))[::-1])
-  affine = np.array([[0.0, -0.9, 0.05, 20.0], [-0.8, 0.0, 0.0, 10.0], [0.0, 0.03, 3.0, -40.0],
-                     [0, 0, 0, 1]])
+  affine = np.array(
+    [[0.0, -0.9, 0.05, 20.0], [-0.8, 0.0, 0.0, 10.0], [0.0, 0.03, 3.0, -40.0], [0, 0, 0, 1]]
+  )
   vol = str(tmp_path / "scan.nii.gz")
   nib.save(nib.Nifti1Image(np.round(stored).astype(np.int16), affine), vol)
   results = {}
-  for name, args in (("checkpoint", ["--checkpoint", run]),
-                     ("export", ["--model", exports["dynamic"], "--runtime", runtime])):
+  for name, args in (
+    ("checkpoint", ["--checkpoint", run]),
+    ("export", ["--model", exports["dynamic"], "--runtime", runtime]),
+  ):
     out = tmp_path / name
     assert predict.main([*args, vol, "--out", str(out), "--probabilities", "--no_progress"]) == 0
     with open(out / "scan_report.json") as f:
       report = json.load(f)
-    results[name] = (np.asarray(nib.load(out / "scan_probs.nii.gz").dataobj),
-                     np.asarray(nib.load(out / "scan_mask.nii.gz").dataobj), report)
+    results[name] = (
+      np.asarray(nib.load(out / "scan_probs.nii.gz").dataobj),
+      np.asarray(nib.load(out / "scan_mask.nii.gz").dataobj),
+      report,
+    )
   (p_ckpt, m_ckpt, _), (p_exp, m_exp, r_exp) = results["checkpoint"], results["export"]
   assert p_ckpt.shape == stored.shape
   np.testing.assert_allclose(p_exp, p_ckpt, atol=1e-4, rtol=0)

@@ -31,8 +31,14 @@ def _run(mode: str | None) -> list[str]:
   env.pop(host_memory.ENV, None)
   if mode is not None:
     env[host_memory.ENV] = mode
-  return subprocess.run([sys.executable, "-c", _PROGRAM], env=env, capture_output=True,
-                        text=True, check=True, timeout=300).stdout.split()
+  return subprocess.run(
+    [sys.executable, "-c", _PROGRAM],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=300,
+  ).stdout.split()
 
 
 _GLIBC = host_memory._glibc() is not None  # pylint: disable=protected-access

@@ -12,16 +12,23 @@ from jax.sharding import PartitionSpec as P
 from tfds_builder.covid19_ct_seg import build
 from tvunet_jax import input_pipeline as ip
 
-DUMMY = os.path.join(os.path.dirname(__file__), "..", "tfds_builder", "covid19_ct_seg",
-                     "dummy_data")
+DUMMY = os.path.join(
+  os.path.dirname(__file__), "..", "tfds_builder", "covid19_ct_seg", "dummy_data"
+)
 
 
 def _fake_source(n, size=8):
   """A list of examples whose image is filled with the example's index: identifiable rows."""
-  return [{"image": np.full((size, size), i, np.float32),
-           "mask": (np.arange(size * size).reshape(size, size) % 4).astype(np.uint8),
-           "volume_id": f"v{i}".encode(), "slice_index": np.int32(i),
-           "spacing": np.ones(3, np.float32)} for i in range(n)]
+  return [
+    {
+      "image": np.full((size, size), i, np.float32),
+      "mask": (np.arange(size * size).reshape(size, size) % 4).astype(np.uint8),
+      "volume_id": f"v{i}".encode(),
+      "slice_index": np.int32(i),
+      "spacing": np.ones(3, np.float32),
+    }
+    for i in range(n)
+  ]
 
 
 def _ids(batch):
@@ -36,8 +43,9 @@ def test_preprocess_targets_and_window():
   assert out["image"].shape == (2, 2, 1) and out["label"].dtype == np.float32
   np.testing.assert_array_equal(out["image"][..., 0], image)
   np.testing.assert_array_equal(out["label"][..., 0], [[0, 1], [0, 0]])
-  np.testing.assert_array_equal(ip.preprocess(ex, target="lesion")["label"][..., 0],
-                                [[0, 1], [1, 0]])
+  np.testing.assert_array_equal(
+    ip.preprocess(ex, target="lesion")["label"][..., 0], [[0, 1], [1, 0]]
+  )
   np.testing.assert_array_equal(ip.preprocess(ex, target="any")["label"][..., 0], [[0, 1], [1, 1]])
   # Lung window W1500 L-600: -1350 -> 0, -600 -> 0.5, 150 -> 1, clipped outside.
   win = ip.preprocess(ex, intensity="lung_window")["image"][..., 0]
@@ -144,7 +152,9 @@ def test_eval_batches_cover_split_once_with_padding(built_dummy):
     assert batch["image"].shape == (3, 128, 128, 1)
     n_valid += int(batch["valid"].sum())
     np.testing.assert_array_equal(np.asarray(batch["image"])[~meta["valid"]], 0.0)
-    seen += [(v, s) for v, s, ok in zip(meta["volume_id"], meta["slice_index"], meta["valid"]) if ok]
+    seen += [
+      (v, s) for v, s, ok in zip(meta["volume_id"], meta["slice_index"], meta["valid"]) if ok
+    ]
   assert n_valid == 8 and len(set(seen)) == 8
   assert {v for v, _ in seen} == {"rp7", "rp8", "rp9"}
 

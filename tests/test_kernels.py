@@ -174,9 +174,9 @@ def test_onednn_conv_matches_lax_float32(x_shape, w_shape, pads):
   """
   x, w = _normal(0, x_shape), _normal(1, w_shape)
   cot = _normal(2, _out_shape(x_shape, w_shape, pads))
-  got = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: custom_calls.onednn_conv(a, b, pads)))(
-    x, w, cot
-  )
+  got = jax.jit(
+    functools.partial(_fwd_and_grads, lambda a, b: custom_calls.onednn_conv(a, b, pads))
+  )(x, w, cot)
   want = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: _ref_conv(a, b, pads)))(x, w, cot)
   for name, g, r in zip(("y", "dx", "dw"), got, want):
     assert g.shape == r.shape and g.dtype == jnp.float32, name
@@ -281,9 +281,9 @@ def test_native_bfloat16_kernels_match_float32_reference():
   x = _normal(0, x_shape, jnp.bfloat16)
   w = _normal(1, w_shape, jnp.bfloat16)
   cot = _normal(2, _out_shape(x_shape, w_shape, pads), jnp.bfloat16)
-  got = jax.jit(functools.partial(_fwd_and_grads, lambda a, b: custom_calls.onednn_conv(a, b, pads)))(
-    x, w, cot
-  )
+  got = jax.jit(
+    functools.partial(_fwd_and_grads, lambda a, b: custom_calls.onednn_conv(a, b, pads))
+  )(x, w, cot)
   _assert_bf16_matches_f32_reference(got, x, w, cot, functools.partial(_ref_conv, pads=pads))
 
 
@@ -695,7 +695,9 @@ def test_sharded_train_step_matches_one_device():
   cfg.model.conv_backend = "onednn"
   cfg.model.depth = 1  # the tiny config at one level: every kind of conv, a third less compile
   model = models.build(cfg.model, axis_name=sharding.DATA_AXIS)
-  assert model.conv_backend == conv.choose("onednn", axis_name=sharding.DATA_AXIS) and model.dropout > 0
+  assert (
+    model.conv_backend == conv.choose("onednn", axis_name=sharding.DATA_AXIS) and model.dropout > 0
+  )
   lr = 1e3
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
   variables = random_variables(model, (1, 16, 16, 1))
@@ -801,13 +803,15 @@ def test_transposed_kernel_rejects_bad_shapes_and_stride():
   bad_out = (1, 7, 8, 3)  # stride 2, pads (0, 1, 0, 1): (4 - 1) * 2 - 1 + 3 = 8 rows, not 7
   with pytest.raises(Exception, match=r"inconsistent shapes x\(1,4,4,2\) w\(3,3,2,3\)"):
     jax.block_until_ready(
-      jax.jit(lambda a, b: custom_calls._call(3, a, b, bad_out, jnp.float32, (0, 1, 0, 1), stride=2))(x, w)
+      jax.jit(
+        lambda a, b: custom_calls._call(3, a, b, bad_out, jnp.float32, (0, 1, 0, 1), stride=2)
+      )(x, w)
     )
   with pytest.raises(Exception, match="stride positive"):
     jax.block_until_ready(
-      jax.jit(lambda a, b: custom_calls._call(3, a, b, (1, 8, 8, 3), jnp.float32, (0, 1, 0, 1), stride=0))(
-        x, w
-      )
+      jax.jit(
+        lambda a, b: custom_calls._call(3, a, b, (1, 8, 8, 3), jnp.float32, (0, 1, 0, 1), stride=0)
+      )(x, w)
     )
 
 

@@ -23,20 +23,44 @@ def _free_port() -> int:
 def test_two_processes_train_and_agree(tiny_data, tmp_path):
   manual_dir, data_dir = tiny_data
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    PYTHONPATH=ROOT,
+  )
   procs = []
   for pid in range(2):
-    cmd = [sys.executable, "-m", "tvunet_jax.main",
-           "--config", os.path.join(ROOT, "experiments", "configs", "tiny.py"),
-           "--workdir", str(tmp_path / "run"),
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}",
-           f"--config.data.manual_dir={manual_dir}", f"--config.data.data_dir={data_dir}",
-           "--config.data.generate_phantom=false", "--config.train.num_steps=3",
-           "--alsologtostderr", "--verbosity=1"]  # the final JSON line is logged at 1
+    cmd = [
+      sys.executable,
+      "-m",
+      "tvunet_jax.main",
+      "--config",
+      os.path.join(ROOT, "experiments", "configs", "tiny.py"),
+      "--workdir",
+      str(tmp_path / "run"),
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={pid}",
+      f"--config.data.manual_dir={manual_dir}",
+      f"--config.data.data_dir={data_dir}",
+      "--config.data.generate_phantom=false",
+      "--config.train.num_steps=3",
+      "--alsologtostderr",
+      "--verbosity=1",
+    ]  # the final JSON line is logged at 1
     # Own process group: on failure the whole group is killed (these processes can ignore TERM).
-    procs.append(subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    procs.append(
+      subprocess.Popen(
+        cmd,
+        cwd=str(tmp_path),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+      )
+    )
   outputs = []
   try:
     for p in procs:

@@ -10,8 +10,8 @@ import pytest
 from tvunet_jax import atomic, nifti_io, volumes
 
 
-def _write(path, data, affine=np.eye(4)):
-  nib.save(nib.Nifti1Image(data, affine), str(path))
+def _write(path, data, affine=None):
+  nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
   return path
 
 
@@ -29,13 +29,16 @@ def test_round_trip_keeps_data_affine_and_zooms(tmp_path):
   assert mode & stat.S_IRGRP and mode & stat.S_IROTH  # not mkstemp's private 0600
 
 
-@pytest.mark.parametrize("make,match", [
+@pytest.mark.parametrize(
+  "make,match",
+  [
     (lambda p: None, "file not found"),
     (lambda p: p.write_text("not an image"), "not a readable NIfTI file"),
     (lambda p: _write(p, np.zeros((4, 4), np.float32)), "expected a 3D volume"),
     (lambda p: _write(p, np.zeros((4, 4, 3, 2), np.float32)), "expected a 3D volume"),
     (lambda p: _write(p, np.array([[[np.nan, 1.0]]], np.float32)), "1 NaN/inf voxels"),
-])
+  ],
+)
 def test_bad_files_fail_with_one_line_naming_the_file(tmp_path, make, match):
   path = tmp_path / "scan.nii.gz"
   make(path)
@@ -48,7 +51,7 @@ def test_bad_files_fail_with_one_line_naming_the_file(tmp_path, make, match):
 def test_truncated_file(tmp_path):
   full = _write(tmp_path / "full.nii.gz", np.random.default_rng(0).normal(size=(32, 32, 8)))
   cut = tmp_path / "cut.nii.gz"
-  cut.write_bytes(full.read_bytes()[:len(full.read_bytes()) // 2])
+  cut.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
   with pytest.raises(nifti_io.VolumeError, match=r"cut\.nii\.gz: (truncated|not a readable)"):
     nifti_io.load_volume(cut)
 
@@ -67,7 +70,7 @@ def test_trailing_singleton_axis_is_a_volume(tmp_path):
 
 
 def test_failed_save_leaves_nothing(tmp_path):
-  with pytest.raises(Exception):
+  with pytest.raises(nib.spatialimages.HeaderDataError):  # nibabel has no object dtype
     nifti_io.save_volume(np.zeros((2, 2, 2), object), np.eye(4), tmp_path / "x.nii.gz")
   assert os.listdir(tmp_path) == []
 

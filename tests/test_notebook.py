@@ -23,18 +23,26 @@ def notebook_script(parameters: str) -> str:
 @pytest.mark.slow
 def test_notebook_runs_on_cpu_with_tiny_config(tiny_data, tmp_path):
   manual_dir, data_dir = tiny_data
-  params = "\n".join([
+  params = "\n".join(
+    [
       'CONFIG = "experiments/configs/tiny.py"',
       f'WORKDIR = "{tmp_path / "run"}"',
       f'MEDSEG_DIR = "{manual_dir}"',
       f'EXTRA_FLAGS = ["--config.data.data_dir={data_dir}", "--config.train.num_steps=2"]',
-      "INSTALL = False"])
+      "INSTALL = False",
+    ]
+  )
   script = tmp_path / "notebook.py"
   script.write_text(notebook_script(params))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT,
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
+  proc = subprocess.run(
+    [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert "Summary at the operating threshold" in proc.stdout
   assert "pr_curve.png" in proc.stdout and "overlays.png" in proc.stdout

@@ -23,9 +23,12 @@ T = phantom.Tissue
 @pytest.fixture(scope="module")
 def slices():
   """Eight 128 px single-slice patients: lesions in the even ones, effusion in 0 and 4."""
-  return [generate._simulate_slice(np.random.default_rng(100 + i), 128, lesion=i % 2 == 0,
-                                  effusion=i % 4 == 0)
-          for i in range(8)]
+  return [
+    generate._simulate_slice(
+      np.random.default_rng(100 + i), 128, lesion=i % 2 == 0, effusion=i % 4 == 0
+    )
+    for i in range(8)
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +40,17 @@ def volume():
 def written(tmp_path_factory):
   """A default-shaped set (100 tr slices, 9 volumes of 20-40 slices) at a tiny matrix size."""
   out = tmp_path_factory.mktemp("phantom") / "medseg"
-  summary = phantom.write_medseg_phantom(out, tr_slices=100, tr_size=48, rp_volumes=9,
-                                         rp_size=48, rp_slices=(20, 40), seed=3)
+  summary = phantom.write_medseg_phantom(
+    out, tr_slices=100, tr_size=48, rp_volumes=9, rp_size=48, rp_slices=(20, 40), seed=3
+  )
   return out, summary
 
 
 def _pooled(phantoms):
-  return tuple(np.concatenate([getattr(p, k).ravel() for p in phantoms])
-               for k in ("hu", "labels", "lung", "tissue"))
+  return tuple(
+    np.concatenate([getattr(p, k).ravel() for p in phantoms])
+    for k in ("hu", "labels", "lung", "tissue")
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,14 +60,11 @@ def _pooled(phantoms):
 
 def test_storage_rotation_contract_on_a_hand_made_array():
   assert phantom.STORAGE_ROT90_K == 1
-  display = np.array([[1, 2, 3, 4],
-                      [5, 6, 7, 8],
-                      [9, 10, 11, 12]])  # row 0 anterior, column 0 the patient's right
+  display = np.array(
+    [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+  )  # row 0 anterior, column 0 the patient's right
   # Rotating the display a quarter turn clockwise: stored[x, y] with y = 0 posterior.
-  expected = np.array([[9, 5, 1],
-                       [10, 6, 2],
-                       [11, 7, 3],
-                       [12, 8, 4]])
+  expected = np.array([[9, 5, 1], [10, 6, 2], [11, 7, 3], [12, 8, 4]])
   stored = phantom.to_storage(display)
   np.testing.assert_array_equal(stored, expected)
   np.testing.assert_array_equal(np.rot90(stored, k=phantom.STORAGE_ROT90_K, axes=(0, 1)), display)
@@ -116,7 +119,7 @@ def test_display_orientation_right_lung_left_spine_bottom(slices):
     assert right.mean() < w / 2 < left.mean()
     rows = np.arange(h)[:, None]
     midline = np.zeros_like(s.lung, bool)
-    midline[:, w // 2 - w // 16:w // 2 + w // 16] = True
+    midline[:, w // 2 - w // 16 : w // 2 + w // 16] = True
     spine_rows = np.broadcast_to(rows, s.lung.shape)[(s.tissue == T.BONE) & midline]
     lung_rows = np.broadcast_to(rows, s.lung.shape)[s.lung > 0]
     # The spine (and so the posterior side) is at the bottom, behind the lungs' centre.
@@ -193,15 +196,19 @@ def test_generate_volume_shapes():
 def test_volume_is_coherent_across_slices(volume):
   les = np.isin(volume.labels, (phantom.GROUND_GLASS, phantom.CONSOLIDATION))
   z = les.shape[2]
-  adjacent = [_dice(les[..., k], les[..., k + 1]) for k in range(z - 1)
-              if les[..., k].any() and les[..., k + 1].any()]
+  adjacent = [
+    _dice(les[..., k], les[..., k + 1])
+    for k in range(z - 1)
+    if les[..., k].any() and les[..., k + 1].any()
+  ]
   assert len(adjacent) >= 3
   assert np.mean(adjacent) > 0.5
   # Lesions of another patient at the same slice index overlap far less.
   other = generate._simulate_volume(np.random.default_rng(8), 96, z, lesion=True)
   les_o = np.isin(other.labels, (phantom.GROUND_GLASS, phantom.CONSOLIDATION))
-  unrelated = [_dice(les[..., k], les_o[..., k]) for k in range(z)
-               if les[..., k].any() and les_o[..., k].any()]
+  unrelated = [
+    _dice(les[..., k], les_o[..., k]) for k in range(z) if les[..., k].any() and les_o[..., k].any()
+  ]
   assert np.mean(unrelated or [0.0]) < 0.5 * np.mean(adjacent)
   # Anatomy too: the lung masks of neighbouring 5 mm slices nearly coincide.
   lung = volume.lung > 0
@@ -256,8 +263,9 @@ def test_tube_coverage_matches_circle_area_and_slab_fraction():
 def test_territory_tree_follows_murray_law_and_reaches_every_point():
   rng = np.random.default_rng(0)
   pts = rng.uniform(-20, 20, (64, 3))
-  tubes, gen, tree = phantom_tubes._territory_trees(rng, pts, np.zeros(64, np.int64),
-                                                    np.zeros((1, 3)), r_leaf=0.5)
+  tubes, gen, tree = phantom_tubes._territory_trees(
+    rng, pts, np.zeros(64, np.int64), np.zeros((1, 3)), r_leaf=0.5
+  )
   assert gen[0] == 0 and tubes.r[0] == pytest.approx(0.5 * 64 ** (1 / 3))
   leaves = np.isclose(tubes.r, 0.5)
   assert leaves.sum() == 64  # a binary tree over 64 points: 64 leaves, 63 branchings
@@ -291,8 +299,10 @@ def test_written_layout_shapes_dtypes_and_headers(written):
     img = nib.load(out / name)
     assert img.shape == (48, 48, 100) and img.get_data_dtype() == np.uint8
   for n in range(1, 10):
-    imgs = [nib.load(out / d / f"{n}.nii.gz")
-            for d in (phantom.RP_IMAGE_DIR, phantom.RP_MASK_DIR, phantom.RP_LUNG_DIR)]
+    imgs = [
+      nib.load(out / d / f"{n}.nii.gz")
+      for d in (phantom.RP_IMAGE_DIR, phantom.RP_MASK_DIR, phantom.RP_LUNG_DIR)
+    ]
     shape = imgs[0].shape
     assert shape[:2] == (48, 48) and 20 <= shape[2] <= 40
     assert [i.shape for i in imgs] == [shape] * 3
@@ -325,8 +335,9 @@ def test_written_files_are_stored_rotated(written):
 def test_lesion_free_fraction_of_a_default_shaped_set(written):
   out, summary = written
   masks = [np.asanyarray(nib.load(out / phantom.TR_MASK).dataobj)]
-  masks += [np.asanyarray(nib.load(out / phantom.RP_MASK_DIR / f"{n}.nii.gz").dataobj)
-            for n in range(1, 10)]
+  masks += [
+    np.asanyarray(nib.load(out / phantom.RP_MASK_DIR / f"{n}.nii.gz").dataobj) for n in range(1, 10)
+  ]
   per_slice = np.concatenate([(m > 0).any(axis=(0, 1)) for m in masks])
   free = 1 - per_slice.mean()
   assert 0.3 <= free <= 0.7
@@ -336,8 +347,9 @@ def test_lesion_free_fraction_of_a_default_shaped_set(written):
 
 
 def _tiny(out, **kw):
-  return phantom.write_medseg_phantom(out, tr_slices=4, tr_size=40, rp_volumes=2, rp_size=40,
-                                      rp_slices=(3, 4), **kw)
+  return phantom.write_medseg_phantom(
+    out, tr_slices=4, tr_size=40, rp_volumes=2, rp_size=40, rp_slices=(3, 4), **kw
+  )
 
 
 def _arrays(folder):
@@ -368,8 +380,9 @@ def test_refuses_non_empty_folder_unless_overwrite(tmp_path):
     _tiny(out, seed=2)
   before = _arrays(out)
   # Overwrite with fewer volumes: the files of volume 2 must not survive as stale data.
-  phantom.write_medseg_phantom(out, tr_slices=4, tr_size=40, rp_volumes=1, rp_size=40,
-                               rp_slices=(3, 4), seed=2, overwrite=True)
+  phantom.write_medseg_phantom(
+    out, tr_slices=4, tr_size=40, rp_volumes=1, rp_size=40, rp_slices=(3, 4), seed=2, overwrite=True
+  )
   after = _arrays(out)
   assert sorted(after) == sorted(k for k in before if "2.nii.gz" not in k)
   assert after["tr_im.nii.gz"].tobytes() != before["tr_im.nii.gz"].tobytes()
@@ -415,8 +428,24 @@ def test_crash_mid_write_leaves_no_complete_looking_set(tmp_path, monkeypatch):
 
 def test_command_line(tmp_path, capsys):
   out = tmp_path / "cli"
-  args = ["--out", str(out), "--tr-slices", "2", "--tr-size", "40", "--rp-volumes", "1",
-          "--rp-size", "40", "--rp-min-slices", "2", "--rp-max-slices", "2", "--seed", "4"]
+  args = [
+    "--out",
+    str(out),
+    "--tr-slices",
+    "2",
+    "--tr-size",
+    "40",
+    "--rp-volumes",
+    "1",
+    "--rp-size",
+    "40",
+    "--rp-min-slices",
+    "2",
+    "--rp-max-slices",
+    "2",
+    "--seed",
+    "4",
+  ]
   assert phantom.main(args) == 0
   printed = json.loads(capsys.readouterr().out)
   assert printed["params"]["seed"] == 4

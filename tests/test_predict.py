@@ -25,9 +25,15 @@ from tvunet_jax import contract as contract_lib
 
 ornt = nib.orientations
 
-CONTRACT = {"image_size": [128, 128], "in_channels": 1, "intensity": "lung_window",
-            "lung_window": list(input_pipeline.LUNG_WINDOW), "target": "ground_glass",
-            "threshold": 0.5, "model": {}}
+CONTRACT = {
+  "image_size": [128, 128],
+  "in_channels": 1,
+  "intensity": "lung_window",
+  "lung_window": list(input_pipeline.LUNG_WINDOW),
+  "target": "ground_glass",
+  "threshold": 0.5,
+  "model": {},
+}
 
 
 def _window(hu):
@@ -54,8 +60,9 @@ class BandModel:
 
 def _las_affine(pixel=0.7, slice_mm=5.0):
   """Voxel -> RAS for a MedSeg-like (X left, Y anterior, Z superior) array, 0.7 mm, 5 mm."""
-  return np.array([[-pixel, 0, 0, 40.0], [0, pixel, 0, -30.0], [0, 0, slice_mm, 100.0],
-                   [0, 0, 0, 1]])
+  return np.array(
+    [[-pixel, 0, 0, 40.0], [0, pixel, 0, -30.0], [0, 0, slice_mm, 100.0], [0, 0, 0, 1]]
+  )
 
 
 def _reorient(data, affine, codes):
@@ -78,6 +85,7 @@ def trained(tiny_data, tmp_path_factory):
   """A 2-step tiny run on the session's phantom (a real checkpoint with its contract)."""
   from tests.conftest import tiny_config_for  # pylint: disable=g-import-not-at-top
   from tvunet_jax import train  # pylint: disable=g-import-not-at-top
+
   cfg = tiny_config_for(tiny_data)
   cfg.data.test_split = ""
   cfg.train.num_steps = 2
@@ -89,8 +97,9 @@ def trained(tiny_data, tmp_path_factory):
 # ----------------------------------------------------------------------------- orientation
 
 
-@pytest.mark.parametrize("codes", [("L", "A", "S"), ("R", "P", "I"), ("S", "L", "P"),
-                                   ("A", "I", "R")])
+@pytest.mark.parametrize(
+  "codes", [("L", "A", "S"), ("R", "P", "I"), ("S", "L", "P"), ("A", "I", "R")]
+)
 def test_orientation_inverts_exactly_and_finds_anatomy(codes):
   # A marker voxel at the anterior-right-superior corner of the world box: in display
   # orientation it must be row 0 (anterior), column 0 (patient right), last slice (superior).
@@ -135,10 +144,9 @@ def test_network_inputs_equal_training_examples(tiny_data):
 
 def _phantom_ct(seed=3, rows=96, cols=80, slices=6):
   """Display-oriented phantom CT, cropped to a non-square slice."""
-  hu, labels, lung = phantom.generate_volume(np.random.default_rng(seed), 96, slices,
-                                             lesion=True)
+  hu, labels, lung = phantom.generate_volume(np.random.default_rng(seed), 96, slices, lesion=True)
   c0 = (96 - cols) // 2
-  return (hu[:rows, c0:c0 + cols], labels[:rows, c0:c0 + cols], lung[:rows, c0:c0 + cols])
+  return (hu[:rows, c0 : c0 + cols], labels[:rows, c0 : c0 + cols], lung[:rows, c0 : c0 + cols])
 
 
 def test_round_trip_nontrivial_affines(tmp_path):
@@ -152,10 +160,10 @@ def test_round_trip_nontrivial_affines(tmp_path):
   base_aff = _las_affine()
   permuted, perm_aff, perm_t = _reorient(base, base_aff, ("P", "I", "R"))
   variants = {
-      "las": (base, base_aff),
-      "permuted_flipped": (permuted, perm_aff),
-      # Oblique: 12 degrees about the superior axis; the nearest axis orientation is unchanged.
-      "oblique": (base, _rotation(12, 2) @ base_aff),
+    "las": (base, base_aff),
+    "permuted_flipped": (permuted, perm_aff),
+    # Oblique: 12 degrees about the superior axis; the nearest axis orientation is unchanged.
+    "oblique": (base, _rotation(12, 2) @ base_aff),
   }
   model = BandModel(-1050, -675, quadrant=True)  # aerated lung in the anterior-right quarter
   predictor = predict.SlicePredictor(model, {}, batch_size=8)
@@ -184,8 +192,9 @@ def test_round_trip_nontrivial_affines(tmp_path):
     assert sum(report["per_slice_lesion_area_mm2"]) == pytest.approx(mask.sum() * 0.49, rel=1e-6)
     masks[name] = mask
   # The same anatomy gives the same mask in world space, whatever the voxel order.
-  np.testing.assert_array_equal(masks["permuted_flipped"],
-                                ornt.apply_orientation(masks["las"], perm_t))
+  np.testing.assert_array_equal(
+    masks["permuted_flipped"], ornt.apply_orientation(masks["las"], perm_t)
+  )
   np.testing.assert_array_equal(masks["oblique"], masks["las"])
   # ... and it is on the patient's anterior right (RAS: x > 0 is right, y > 0 anterior).
   ijk = np.argwhere(masks["las"] > 0)
@@ -222,8 +231,12 @@ def test_perfect_model_reports_the_truth(tmp_path):
   nifti_io.save_volume(data, aff, path)
   lung_file = ornt.apply_orientation(volumes.to_storage(lung.astype(np.uint8)), t)
   nifti_io.save_volume(lung_file, aff, lung_path)
-  seg = predict.segment_volume(path, predict.SlicePredictor(BandModel(-400, -200), {}, batch_size=8),
-                               CONTRACT, lung_mask_path=lung_path)
+  seg = predict.segment_volume(
+    path,
+    predict.SlicePredictor(BandModel(-400, -200), {}, batch_size=8),
+    CONTRACT,
+    lung_mask_path=lung_path,
+  )
   truth_file = ornt.apply_orientation(volumes.to_storage(truth.astype(np.uint8)), t)
   np.testing.assert_array_equal(seg.mask, truth_file)
   r = seg.report
@@ -234,7 +247,8 @@ def test_perfect_model_reports_the_truth(tmp_path):
   assert r["slice_axis"] == 2
   # Display slice k is file slice 4 - k; display slices 0..2 hold 100 pixels, slice 2 20 more.
   assert r["per_slice_lesion_area_mm2"] == pytest.approx(
-      [0.0, 0.0, 120 * 0.49, 100 * 0.49, 100 * 0.49], rel=1e-6)
+    [0.0, 0.0, 120 * 0.49, 100 * 0.49, 100 * 0.49], rel=1e-6
+  )
   lung_vox = int(lung.sum())
   assert r["lung_volume_ml"] == pytest.approx(lung_vox * 2.45e-3, rel=1e-6)
   assert r["percent_lung_involved"] == pytest.approx(100 * 320 / lung_vox, rel=1e-6)
@@ -267,15 +281,28 @@ def test_derived_lung_excludes_outside_air():
 
 
 def test_sharded_predictor_matches_direct_apply():
-  model = models.build({"base": 4, "depth": 2, "dropout": 0.2, "num_outputs": 1,
-                                     "dtype": "float32", "upsample": "subpixel",
-                                     "pool": "reshape"})
+  model = models.build(
+    {
+      "base": 4,
+      "depth": 2,
+      "dropout": 0.2,
+      "num_outputs": 1,
+      "dtype": "float32",
+      "upsample": "subpixel",
+      "pool": "reshape",
+    }
+  )
   import jax  # pylint: disable=g-import-not-at-top
+
   variables = jax.jit(model.init, static_argnames="train")(
-      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)), train=False)
+    jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)), train=False
+  )
   x = np.random.default_rng(0).random((11, 32, 32)).astype(np.float32)
-  ref = np.asarray(jax.nn.sigmoid(jax.jit(model.apply, static_argnames="train")(
-      variables, x[..., None], train=False)[..., 0]))
+  ref = np.asarray(
+    jax.nn.sigmoid(
+      jax.jit(model.apply, static_argnames="train")(variables, x[..., None], train=False)[..., 0]
+    )
+  )
   for n in (8, 1):
     p = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(n), batch_size=4)
     assert p.batch_size == (8 if n == 8 else 4)
@@ -286,11 +313,22 @@ def test_last_batch_runs_at_the_smallest_power_of_two_rows():
   """11 slices at batch 8 on one device run as 8 + 4 rows (not 8 + 8), 9 as 8 + 1, 16 as 8 + 8;
   on 8 devices a partial batch is still 8 rows (one per device). Outputs equal the unbatched
   network's: the padding rows are dropped, whatever their size."""
-  model = models.build({"base": 4, "depth": 1, "dropout": 0.0, "num_outputs": 1,
-                        "dtype": "float32", "upsample": "subpixel", "pool": "reshape"})
+  model = models.build(
+    {
+      "base": 4,
+      "depth": 1,
+      "dropout": 0.0,
+      "num_outputs": 1,
+      "dtype": "float32",
+      "upsample": "subpixel",
+      "pool": "reshape",
+    }
+  )
   import jax  # pylint: disable=g-import-not-at-top
+
   variables = jax.jit(model.init, static_argnames="train")(
-      jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 1)), train=False)
+    jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 1)), train=False
+  )
   p = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(1), batch_size=8)
   assert [p.rows_for(n) for n in (1, 2, 3, 4, 5, 7, 8)] == [1, 2, 4, 4, 8, 8, 8]
   p6 = predict.SlicePredictor(model, variables, mesh=sharding.make_mesh(1), batch_size=6)
@@ -315,12 +353,28 @@ def test_cli_with_real_checkpoint(trained, tiny_data, tmp_path, capsys):
   vol = os.path.join(tiny_data[0], "rp_im", "7.nii.gz")
   lung = os.path.join(tiny_data[0], "rp_lung_msk", "7.nii.gz")
   out = str(tmp_path / "out")
-  rc = predict.main(["--checkpoint", trained, vol, "--out", out, "--probabilities", "--overlay",
-                     "--lung_mask", lung, "--no_progress"])
+  rc = predict.main(
+    [
+      "--checkpoint",
+      trained,
+      vol,
+      "--out",
+      out,
+      "--probabilities",
+      "--overlay",
+      "--lung_mask",
+      lung,
+      "--no_progress",
+    ]
+  )
   assert rc == 0
   assert "lesion mL" in capsys.readouterr().out
-  assert sorted(os.listdir(out)) == ["7_mask.nii.gz", "7_overlay.png", "7_probs.nii.gz",
-                                     "7_report.json"]
+  assert sorted(os.listdir(out)) == [
+    "7_mask.nii.gz",
+    "7_overlay.png",
+    "7_probs.nii.gz",
+    "7_report.json",
+  ]
   src, m = nib.load(vol), nib.load(os.path.join(out, "7_mask.nii.gz"))
   assert m.shape == src.shape
   np.testing.assert_array_equal(m.affine, src.affine)
@@ -334,15 +388,18 @@ def test_cli_with_real_checkpoint(trained, tiny_data, tmp_path, capsys):
   assert report["lesion_volume_ml"] == pytest.approx(mask.sum() * voxel_mm3 / 1000, rel=1e-6)
   lung_arr = np.asarray(nib.load(lung).dataobj) > 0
   assert report["percent_lung_involved"] == pytest.approx(
-      100 * (mask.astype(bool) & lung_arr).sum() / lung_arr.sum(), rel=1e-6)
+    100 * (mask.astype(bool) & lung_arr).sum() / lung_arr.sum(), rel=1e-6
+  )
   assert matplotlib.image.imread(os.path.join(out, "7_overlay.png")).ndim == 3
 
 
 def _corrupt_checkpoint(workdir, dst, edit):
   shutil.copytree(workdir, dst, ignore=shutil.ignore_patterns("tensorboard"))
   _, step = checkpointing.find_checkpoint(dst)
-  for path in (os.path.join(dst, "best", str(step), "meta", "metadata"),
-               os.path.join(dst, "model_contract.json")):
+  for path in (
+    os.path.join(dst, "best", str(step), "meta", "metadata"),
+    os.path.join(dst, "model_contract.json"),
+  ):
     with open(path) as f:
       obj = json.load(f)
     edit(obj["contract"] if "contract" in obj else obj)
@@ -367,25 +424,33 @@ def _bad_volume(kind, tmp_path):
   return path
 
 
-@pytest.mark.parametrize("kind,match", [
-    ("not_nifti", "not a readable NIfTI"), ("2d", "expected a 3D volume"),
-    ("4d", "expected a 3D volume"), ("nan", "1 NaN/inf voxels"),
-    ("model_config", "does not fit this model"), ("intensity", "intensity 'hounsfield'"),
-])
-def test_bad_input_one_line_error_and_no_output(kind, match, trained, tiny_data, tmp_path,
-                                                capsys):
+@pytest.mark.parametrize(
+  "kind,match",
+  [
+    ("not_nifti", "not a readable NIfTI"),
+    ("2d", "expected a 3D volume"),
+    ("4d", "expected a 3D volume"),
+    ("nan", "1 NaN/inf voxels"),
+    ("model_config", "does not fit this model"),
+    ("intensity", "intensity 'hounsfield'"),
+  ],
+)
+def test_bad_input_one_line_error_and_no_output(kind, match, trained, tiny_data, tmp_path, capsys):
   ckpt, vol = trained, os.path.join(tiny_data[0], "rp_im", "8.nii.gz")
   if kind == "model_config":
-    ckpt = _corrupt_checkpoint(trained, str(tmp_path / "other"),
-                               lambda c: c["model"].update(base=8))
+    ckpt = _corrupt_checkpoint(
+      trained, str(tmp_path / "other"), lambda c: c["model"].update(base=8)
+    )
   elif kind == "intensity":
-    ckpt = _corrupt_checkpoint(trained, str(tmp_path / "other"),
-                               lambda c: c.update(intensity="hounsfield"))
+    ckpt = _corrupt_checkpoint(
+      trained, str(tmp_path / "other"), lambda c: c.update(intensity="hounsfield")
+    )
   else:
     vol = _bad_volume(kind, tmp_path)
   out = tmp_path / "out"
-  rc = predict.main(["--checkpoint", ckpt, vol, "--out", str(out), "--probabilities",
-                     "--overlay", "--no_progress"])
+  rc = predict.main(
+    ["--checkpoint", ckpt, vol, "--out", str(out), "--probabilities", "--overlay", "--no_progress"]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 2
   errors = [line for line in err if line.startswith("error: ")]

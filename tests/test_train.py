@@ -16,8 +16,9 @@ from tvunet_jax import contract as contract_lib
 
 def _final_params(workdir, cfg):
   model = models.build(cfg.model)
-  abstract = jax.eval_shape(functools.partial(
-      model.init, train=False), jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 1)))
+  abstract = jax.eval_shape(
+    functools.partial(model.init, train=False), jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 1))
+  )
   variables, meta = checkpointing.restore_variables(os.path.join(workdir, "checkpoints"), abstract)
   return variables, meta
 
@@ -29,8 +30,9 @@ def test_tiny_run_end_to_end(tiny_config, tmp_path):
   for f in ("config.json", "versions.json", "model_contract.json", "test_metrics.json"):
     assert os.path.exists(os.path.join(workdir, f)), f
   assert os.listdir(os.path.join(workdir, "tensorboard"))
-  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                if s.isdigit()) == [2, 4]  # keep_checkpoints = 2
+  assert sorted(
+    int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()
+  ) == [2, 4]  # keep_checkpoints = 2
   assert len([s for s in os.listdir(os.path.join(workdir, "best")) if s.isdigit()]) == 1
   assert np.isfinite(final["eval/loss"]) and np.isfinite(final["test/loss"])
   assert 0.0 <= final["test/dice"] <= 1.0 or np.isnan(final["test/dice"])
@@ -52,8 +54,11 @@ def _run_steps(cfg, mesh, batches, n_steps):
   state_sh = sharding.state_shardings(mesh, abstract)
   batch_sh = sharding.batch_sharding(mesh)
   state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_cfg=cfg.loss),
-                 in_shardings=(state_sh, batch_sh), donate_argnums=0)
+  step = jax.jit(
+    functools.partial(train.train_step, model=model, tx=tx, loss_cfg=cfg.loss),
+    in_shardings=(state_sh, batch_sh),
+    donate_argnums=0,
+  )
   curve = []
   for b in batches[:n_steps]:
     state, m = step(state, input_pipeline.to_global(b, batch_sh))
@@ -63,8 +68,9 @@ def _run_steps(cfg, mesh, batches, n_steps):
 
 def test_one_vs_eight_devices_same_loss_curve(tiny_config):
   src = input_pipeline.load_split(tiny_config.data.data_dir, "paper_128", "train")
-  it = input_pipeline.TrainIterator(src, local_batch_size=8, seed=0,
-                                    intensity=tiny_config.data.intensity)
+  it = input_pipeline.TrainIterator(
+    src, local_batch_size=8, seed=0, intensity=tiny_config.data.intensity
+  )
   batches = [next(it) for _ in range(3)]
   # Dropout stays on: its `rbg` masks must not depend on how the batch is laid out.
   l1, p1 = _run_steps(tiny_config, sharding.make_mesh(1), batches, 3)
@@ -82,8 +88,9 @@ def test_one_vs_eight_devices_same_loss_curve(tiny_config):
       # orders' round-off moves an element by a sizeable fraction of its tiny update (measured:
       # 1.7e-5 after 3 steps, 1.7% of one 1e-3 step). Bound it by 5% of a step; a real sharding
       # error (e.g. a missing gradient psum) moves most elements by ~1 step.
-      np.testing.assert_allclose(a, b, rtol=1e-3, atol=0.05 * tiny_config.train.learning_rate,
-                                 err_msg=name)
+      np.testing.assert_allclose(
+        a, b, rtol=1e-3, atol=0.05 * tiny_config.train.learning_rate, err_msg=name
+      )
 
 
 def test_evaluation_is_the_same_on_one_and_eight_devices(tiny_config):
@@ -101,11 +108,20 @@ def test_evaluation_is_the_same_on_one_and_eight_devices(tiny_config):
     mesh = sharding.make_mesh(n)
     state_sh = sharding.state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(0)))
     state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
-    eval_fn = train.make_eval_fn(model=model, loss_cfg=cfg.loss, mesh=mesh,
-                                 state_shardings=state_sh)
-    results.append(train.evaluate(eval_fn, state, src, names, config=cfg,
-                                  batch_sharding=sharding.batch_sharding(mesh),
-                                  local_eval_batch=cfg.eval.batch_size))
+    eval_fn = train.make_eval_fn(
+      model=model, loss_cfg=cfg.loss, mesh=mesh, state_shardings=state_sh
+    )
+    results.append(
+      train.evaluate(
+        eval_fn,
+        state,
+        src,
+        names,
+        config=cfg,
+        batch_sharding=sharding.batch_sharding(mesh),
+        local_eval_batch=cfg.eval.batch_size,
+      )
+    )
   one, eight = results
   assert one["num_slices"] == len(src) == 9
   for k in ("tp", "fp", "fn", "tn"):
@@ -125,11 +141,12 @@ def test_stop_and_resume_equals_straight_run(tiny_config, tmp_path):
   resumed = str(tmp_path / "resumed")
   tiny_config.train.stop_after_steps = 3  # "preempted" after 3 steps, then the same command
   train.train_and_evaluate(tiny_config, resumed)
-  assert max(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints"))
-             if s.isdigit()) == 3
+  assert max(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints")) if s.isdigit()) == 3
   train.train_and_evaluate(tiny_config, resumed)
-  (a, meta_a), (b, meta_b) = _final_params(straight, tiny_config), _final_params(resumed,
-                                                                                  tiny_config)
+  (a, meta_a), (b, meta_b) = (
+    _final_params(straight, tiny_config),
+    _final_params(resumed, tiny_config),
+  )
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert meta_a["best"] == meta_b["best"]
 
@@ -148,11 +165,14 @@ def test_resume_on_another_device_count(tiny_config, tmp_path):
   assert max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == 4
 
 
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("global_batch_size", 12, "not divisible by devices"),
     ("per_device_batch_size", 2, "contradicts global_batch_size"),
     ("grad_accum_steps", 0, "must be >= 1"),
-])
+  ],
+)
 def test_impossible_batch_configs_fail_at_start(tiny_config, tmp_path, field, value, match):
   setattr(tiny_config.train, field, value)
   with pytest.raises(ValueError, match=match):
@@ -165,40 +185,59 @@ def test_grad_accumulation_averages_micro_batch_gradients(tiny_config):
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
   state = train.create_state(jax.random.PRNGKey(0), model=model, tx=tx, image_shape=(16, 16, 1))
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(8, 16, 16, 1)).astype(np.float32),
-           "label": (rng.random((8, 16, 16, 1)) > 0.7).astype(np.float32)}
+  batch = {
+    "image": rng.normal(size=(8, 16, 16, 1)).astype(np.float32),
+    "label": (rng.random((8, 16, 16, 1)) > 0.7).astype(np.float32),
+  }
   step = functools.partial(train.train_step, model=model, tx=tx, loss_cfg=tiny_config.loss)
   acc_state, m_acc = jax.jit(functools.partial(step, accum=2, n_devices=1))(state, batch)
   # Each micro-batch alone, from the same state; dropout keys match fold_in(step key, i).
   deltas, micro_losses = [], []
   for i in range(2):
-    half = jax.tree.map(lambda x, i=i: x[i * 4:(i + 1) * 4], batch)
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(
-        state.rng, impl=train.DROPOUT_RNG_IMPL), state.step), i)
+    half = jax.tree.map(lambda x, i=i: x[i * 4 : (i + 1) * 4], batch)
+    key = jax.random.fold_in(
+      jax.random.fold_in(
+        jax.random.wrap_key_data(state.rng, impl=train.DROPOUT_RNG_IMPL), state.step
+      ),
+      i,
+    )
 
     def loss_fn(params, half=half, key=key):
-      logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, half["image"],
-                              train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-      return losses.total_loss(logits, half["label"], tv_weight=tiny_config.loss.tv_weight,
-                                dice_weight=tiny_config.loss.dice_weight)[0]
+      logits, _ = model.apply(
+        {"params": params, "batch_stats": state.batch_stats},
+        half["image"],
+        train=True,
+        rngs={"dropout": key},
+        mutable=["batch_stats"],
+      )
+      return losses.total_loss(
+        logits,
+        half["label"],
+        tv_weight=tiny_config.loss.tv_weight,
+        dice_weight=tiny_config.loss.dice_weight,
+      )[0]
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     deltas.append(grads)
     micro_losses.append(float(loss))
   np.testing.assert_allclose(float(m_acc["loss"]), np.mean(micro_losses), rtol=1e-5)
   expected = jax.tree.map(lambda p, a, b: p - (a + b) / 2, state.params, *deltas)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               acc_state.params, expected)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), acc_state.params, expected
+  )
 
 
 def test_non_finite_step_is_flagged_and_stops_run(tiny_config, tmp_path, monkeypatch):
   model = models.build(tiny_config.model)
   tx = train.make_optimizer(1e-3)
   state = train.create_state(jax.random.PRNGKey(0), model=model, tx=tx, image_shape=(16, 16, 1))
-  bad = {"image": np.full((2, 16, 16, 1), np.nan, np.float32),
-         "label": np.zeros((2, 16, 16, 1), np.float32)}
-  new, m = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
-                                     loss_cfg=tiny_config.loss))(state, bad)
+  bad = {
+    "image": np.full((2, 16, 16, 1), np.nan, np.float32),
+    "label": np.zeros((2, 16, 16, 1), np.float32),
+  }
+  new, m = jax.jit(
+    functools.partial(train.train_step, model=model, tx=tx, loss_cfg=tiny_config.loss)
+  )(state, bad)
   assert float(m["finite"]) == 0.0
 
   # In the loop: step 3 gets a NaN batch; the run stops naming it, checkpoint 2 stays readable.
@@ -229,8 +268,9 @@ def test_load_for_inference_reproduces_eval_logits(tiny_config, tmp_path):
   x = np.random.default_rng(0).normal(size=(2, 128, 128, 1)).astype(np.float32)
   ref_model = models.build(tiny_config.model)
   ref_vars, _ = _final_params(workdir, tiny_config)
-  np.testing.assert_array_equal(model.apply(variables, x, train=False),
-                                ref_model.apply(ref_vars, x, train=False))
+  np.testing.assert_array_equal(
+    model.apply(variables, x, train=False), ref_model.apply(ref_vars, x, train=False)
+  )
 
 
 def test_plateau_and_early_stopping_bookkeeping(tiny_config):
@@ -268,6 +308,7 @@ def test_paper_head_trains_and_predict_reads_its_lesion_channel(tiny_config, tmp
   returns sigmoid of that channel."""
   from tvunet_jax import contract as contract_lib  # pylint: disable=g-import-not-at-top
   from tvunet_jax import predict  # pylint: disable=g-import-not-at-top
+
   tiny_config.model.num_outputs = 2
   tiny_config.data.test_split = ""
   tiny_config.train.num_steps = 2

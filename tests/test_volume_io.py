@@ -15,9 +15,15 @@ from tvunet_jax import input_pipeline, nifti_io, outputs, predict, volumes
 
 ornt = nib.orientations
 
-CONTRACT = {"image_size": [32, 32], "in_channels": 1, "intensity": "lung_window",
-            "lung_window": list(input_pipeline.LUNG_WINDOW), "target": "ground_glass",
-            "threshold": 0.5, "model": {"num_outputs": 1}}
+CONTRACT = {
+  "image_size": [32, 32],
+  "in_channels": 1,
+  "intensity": "lung_window",
+  "lung_window": list(input_pipeline.LUNG_WINDOW),
+  "target": "ground_glass",
+  "threshold": 0.5,
+  "model": {"num_outputs": 1},
+}
 
 
 class AnteriorRightModel:
@@ -46,7 +52,7 @@ def _display_volume(seed=0, shape=(32, 32, 4)):
   hu[4:-4, 4:-4] = -800.0
   for _ in range(10):
     r, c = rng.integers(6, shape[0] - 6), rng.integers(6, shape[1] - 6)
-    hu[r - 2:r + 2, c - 2:c + 2, :] = 40.0
+    hu[r - 2 : r + 2, c - 2 : c + 2, :] = 40.0
   return hu
 
 
@@ -78,8 +84,10 @@ def test_builder_gives_identical_examples_for_the_same_volume_stored_two_ways(tm
   stored, other, other_affine, _ = _same_volume_two_ways(tmp_path, codes)
   labels = (stored > 0).astype(np.uint8)
   t = ornt.ornt_transform(ornt.io_orientation(LAS), ornt.axcodes2ornt(codes))
-  for name, img, lab, aff in (("las", stored, labels, LAS),
-                              ("other", other, ornt.apply_orientation(labels, t), other_affine)):
+  for name, img, lab, aff in (
+    ("las", stored, labels, LAS),
+    ("other", other, ornt.apply_orientation(labels, t), other_affine),
+  ):
     root = tmp_path / name
     (root / "rp_im").mkdir(parents=True)
     (root / "rp_msk").mkdir()
@@ -99,8 +107,9 @@ def test_builder_gives_identical_examples_for_the_same_volume_stored_two_ways(tm
 def test_predict_gives_the_same_world_space_mask_for_both_storages(tmp_path, predictor):
   stored, other, other_affine, t = _same_volume_two_ways(tmp_path)
   seg_a = predict.segment_volume(_save(stored, LAS, tmp_path / "a.nii.gz"), predictor, CONTRACT)
-  seg_b = predict.segment_volume(_save(other, other_affine, tmp_path / "b.nii.gz"), predictor,
-                                 CONTRACT)
+  seg_b = predict.segment_volume(
+    _save(other, other_affine, tmp_path / "b.nii.gz"), predictor, CONTRACT
+  )
   assert seg_a.mask.sum() > 0
   # The same voxels of the world: b's mask taken back to a's voxel order equals a's.
   back = ornt.ornt_transform(ornt.axcodes2ornt(("L", "P", "S")), ornt.io_orientation(LAS))
@@ -174,8 +183,9 @@ def test_colliding_names_get_distinct_outputs_and_twice_is_refused(tmp_path):
   a, b = str(tmp_path / "a" / "scan.nii.gz"), str(tmp_path / "b" / "scan.nii.gz")
   specs = predict.plan_inputs([a, b])
   assert [s.stem for s in specs] == ["a_scan", "b_scan"]
-  assert outputs.output_stems([("/x/p/a/s.nii", "s"), ("/x/q/a/s.nii", "s"), ("/x/t.nii", "t")]
-                              ) == ["p_a_s", "q_a_s", "t"]
+  assert outputs.output_stems(
+    [("/x/p/a/s.nii", "s"), ("/x/q/a/s.nii", "s"), ("/x/t.nii", "t")]
+  ) == ["p_a_s", "q_a_s", "t"]
   with pytest.raises(nifti_io.VolumeError, match="given twice"):
     predict.plan_inputs([a, str(tmp_path / "a" / ".." / "a" / "scan.nii.gz")])
 
@@ -184,8 +194,9 @@ def test_outputs_of_another_input_are_never_overwritten(tmp_path, predictor):
   out = tmp_path / "out"
   first = _save(volumes.to_storage(_display_volume()), LAS, tmp_path / "scan.nii.gz")
   (tmp_path / "other").mkdir()
-  second = _save(volumes.to_storage(_display_volume(seed=1)), LAS,
-                 tmp_path / "other" / "scan.nii.gz")
+  second = _save(
+    volumes.to_storage(_display_volume(seed=1)), LAS, tmp_path / "other" / "scan.nii.gz"
+  )
   seg = predict.segment_volume(first, predictor, CONTRACT)
   outputs.write_outputs(seg, str(out))
   before = {n: (out / n).read_bytes() for n in os.listdir(out)}
@@ -214,11 +225,15 @@ def test_dicom_series_and_nifti_give_the_same_mask_and_report(tmp_path, predicto
     assert seg_d.report[key] == pytest.approx(seg_n.report[key]), key
   report = outputs.write_outputs(seg_d, str(tmp_path / "out"), spec.stem, algorithm_version="t")
   import highdicom as hd  # pylint: disable=g-import-not-at-top
+
   seg = hd.seg.segread(report["outputs"]["dicom_seg"])
   assert seg.number_of_segments == 1 and int(seg.NumberOfFrames) == hu.shape[2]
   assert seg.SeriesInstanceUID != spec.series_uid
-  referenced = {r.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
-                for r in s.ReferencedInstanceSequence}
+  referenced = {
+    r.ReferencedSOPInstanceUID
+    for s in seg.ReferencedSeriesSequence
+    for r in s.ReferencedInstanceSequence
+  }
   assert referenced == {ds.SOPInstanceUID for _, ds in spec.dicom_items}
   mask_nifti = nib.load(report["outputs"]["mask"])
   np.testing.assert_allclose(mask_nifti.affine, seg_d.volume.affine, atol=1e-5)

@@ -39,30 +39,52 @@ from absl import logging
 
 from tvunet_jax import atomic
 
-VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
-                      "tensorflow-datasets", "grain", "nibabel", "tvunet_jax")
+VERSIONED_PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "numpy",
+  "tensorflow-datasets",
+  "grain",
+  "nibabel",
+  "tvunet_jax",
+)
 
 
 class Checkpoints:
   """The two Orbax managers of a workdir: recent checkpoints and the best one."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, best_metric: str = "eval/loss",
-               best_mode: str = "min"):
+  def __init__(
+    self, workdir: str, *, keep: int = 3, best_metric: str = "eval/loss", best_mode: str = "min"
+  ):
     self.best_metric = best_metric
     self.last = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             cleanup_tmp_directories=True))
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True
+      ),
+    )
     self.best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "best"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode=best_mode,
-            keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True))
+      os.path.join(os.path.abspath(workdir), "best"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda m: m[best_metric],
+        best_mode=best_mode,
+        keep_checkpoints_without_metrics=False,
+        create=True,
+        cleanup_tmp_directories=True,
+      ),
+    )
 
   @staticmethod
   def _args(state, data_state: dict, meta: dict):
-    return ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+    return ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_state),
+      meta=ocp.args.JsonSave(meta),
+    )
 
   def save(self, step: int, state, data_state: dict, meta: dict) -> None:
     # A pending best save must commit before a later latest checkpoint can (see the docstring).
@@ -72,18 +94,26 @@ class Checkpoints:
   def save_best(self, step: int, state, data_state: dict, meta: dict, value: float) -> bool:
     """Saves `step` as the best checkpoint unless best/ already holds it; True if it saved."""
     if step in self.best.all_steps():
-      logging.info("best checkpoint %d is already in best/ (an interrupted start saved it): kept",
-                   step)
+      logging.info(
+        "best checkpoint %d is already in best/ (an interrupted start saved it): kept", step
+      )
       return False
-    self.best.save(step, args=self._args(state, data_state, meta),
-                   metrics={self.best_metric: float(value)}, force=True)
+    self.best.save(
+      step,
+      args=self._args(state, data_state, meta),
+      metrics={self.best_metric: float(value)},
+      force=True,
+    )
     return True
 
   def repair_best(self, step: int, state, data_state: dict, meta: dict) -> None:
     """After a resume from `step`: if its meta names `step` as the best step and best/ lacks it
     (killed between the two saves), saves the restored state as best/`step`."""
-    if (meta.get("best_step") == step and meta.get("best") is not None
-        and step not in self.best.all_steps()):
+    if (
+      meta.get("best_step") == step
+      and meta.get("best") is not None
+      and step not in self.best.all_steps()
+    ):
       self.save_best(step, state, data_state, meta, meta["best"])
       logging.info("best checkpoint %d was missing (killed between the two saves): saved", step)
 
@@ -92,9 +122,14 @@ class Checkpoints:
     step = self.last.latest_step()
     if step is None:
       return None
-    out = self.last.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+    out = self.last.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
     return out["state"], out["data"], out["meta"]
 
   def wait(self) -> None:
@@ -117,12 +152,15 @@ def find_checkpoint(path: str) -> tuple[str, int]:
   for sub in ("best", "checkpoints", ""):
     d = os.path.join(path, sub) if sub else path
     if os.path.isdir(d):
-      steps = [int(s) for s in os.listdir(d) if s.isdigit()
-               and os.path.isdir(os.path.join(d, s, "state"))]
+      steps = [
+        int(s) for s in os.listdir(d) if s.isdigit() and os.path.isdir(os.path.join(d, s, "state"))
+      ]
       if steps:
         return d, max(steps)
-  raise FileNotFoundError(f"{path}: no checkpoint found (expected a workdir, a 'checkpoints' or "
-                          "'best' folder, or a step folder)")
+  raise FileNotFoundError(
+    f"{path}: no checkpoint found (expected a workdir, a 'checkpoints' or "
+    "'best' folder, or a step folder)"
+  )
 
 
 def restore_variables(path: str, abstract_variables: dict) -> tuple[dict, dict]:
@@ -136,14 +174,22 @@ def restore_variables(path: str, abstract_variables: dict) -> tuple[dict, dict]:
   mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    target = {"params": abstract_variables["params"],
-              "batch_stats": abstract_variables.get("batch_stats", {})}
+    target = {
+      "params": abstract_variables["params"],
+      "batch_stats": abstract_variables.get("batch_stats", {}),
+    }
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))
+    restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+      ),
+    )
   except (ValueError, KeyError) as e:
-    raise ValueError(f"{directory}/{step}: checkpoint does not fit this model "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    raise ValueError(
+      f"{directory}/{step}: checkpoint does not fit this model "
+      f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    ) from None
   finally:
     mngr.close()
   return restored["state"], meta
@@ -151,8 +197,12 @@ def restore_variables(path: str, abstract_variables: dict) -> tuple[dict, dict]:
 
 def library_versions(packages=VERSIONED_PACKAGES) -> dict[str, str]:
   """Python, platform, JAX backend and the installed version of each of `packages`."""
-  out = {"python": platform.python_version(), "platform": platform.platform(),
-         "jax_backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
+  out = {
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "jax_backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+  }
   for pkg in packages:
     try:
       out[pkg] = importlib.metadata.version(pkg)

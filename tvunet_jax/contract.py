@@ -26,21 +26,21 @@ def make(config: ml_collections.ConfigDict, image_size: tuple[int, int]) -> dict
   """The contract of a run of `config` on (H, W) = `image_size` network inputs."""
   num_outputs = int(config.model.num_outputs)
   return {
-      "image_size": list(image_size),
-      "in_channels": 1,
-      "intensity": config.data.intensity,
-      "lung_window": list(input_pipeline.LUNG_WINDOW),
-      "target": config.data.target,
-      "target_labels": list(input_pipeline.TARGETS[config.data.target]),
-      "orientation": "display: row 0 anterior, column 0 patient right, by the affine "
-                     "(tvunet_jax.volumes.Orientation)",
-      "resize": "bilinear with anti-aliasing (image), nearest (mask)",
-      "threshold": config.eval.threshold,
-      "output": f"logits (B, H, W, {num_outputs}); probability = sigmoid",
-      "output_channel": losses.lesion_channel(num_outputs),
-      # The conv backend is a property of the machine, not of the weights: inference picks its
-      # own ('auto', or TVUNET_CONV_BACKEND).
-      "model": {k: v for k, v in config.model.to_dict().items() if k != "conv_backend"},
+    "image_size": list(image_size),
+    "in_channels": 1,
+    "intensity": config.data.intensity,
+    "lung_window": list(input_pipeline.LUNG_WINDOW),
+    "target": config.data.target,
+    "target_labels": list(input_pipeline.TARGETS[config.data.target]),
+    "orientation": "display: row 0 anterior, column 0 patient right, by the affine "
+    "(tvunet_jax.volumes.Orientation)",
+    "resize": "bilinear with anti-aliasing (image), nearest (mask)",
+    "threshold": config.eval.threshold,
+    "output": f"logits (B, H, W, {num_outputs}); probability = sigmoid",
+    "output_channel": losses.lesion_channel(num_outputs),
+    # The conv backend is a property of the machine, not of the weights: inference picks its
+    # own ('auto', or TVUNET_CONV_BACKEND).
+    "model": {k: v for k, v in config.model.to_dict().items() if k != "conv_backend"},
   }
 
 
@@ -55,33 +55,51 @@ def check(c: Any, source: str) -> None:
     raise ValueError(f"{source}: model contract is not a JSON object")
   missing = [k for k in KEYS if k not in c]
   if missing:
-    raise ValueError(f"{source}: model contract lacks {missing}; not a tvunet_jax checkpoint or "
-                     "from an incompatible version")
+    raise ValueError(
+      f"{source}: model contract lacks {missing}; not a tvunet_jax checkpoint or "
+      "from an incompatible version"
+    )
   size = c["image_size"]
-  if (not isinstance(size, (list, tuple)) or len(size) != 2
-      or not all(isinstance(s, int) and s > 0 for s in size)):
+  if (
+    not isinstance(size, (list, tuple))
+    or len(size) != 2
+    or not all(isinstance(s, int) and s > 0 for s in size)
+  ):
     raise ValueError(f"{source}: model contract image_size must be two positive ints, got {size!r}")
   if c["intensity"] not in input_pipeline.INTENSITIES:
-    raise ValueError(f"{source}: model contract intensity {c['intensity']!r} is not one of "
-                     f"{input_pipeline.INTENSITIES}")
+    raise ValueError(
+      f"{source}: model contract intensity {c['intensity']!r} is not one of "
+      f"{input_pipeline.INTENSITIES}"
+    )
   window = c.get("lung_window", list(input_pipeline.LUNG_WINDOW))
   if c["intensity"] == "lung_window" and not np.allclose(window, input_pipeline.LUNG_WINDOW):
-    raise ValueError(f"{source}: model trained with lung window {window}, this version "
-                     f"preprocesses with {list(input_pipeline.LUNG_WINDOW)}")
+    raise ValueError(
+      f"{source}: model trained with lung window {window}, this version "
+      f"preprocesses with {list(input_pipeline.LUNG_WINDOW)}"
+    )
   if c["target"] not in input_pipeline.TARGETS:
-    raise ValueError(f"{source}: model contract target {c['target']!r} is not one of "
-                     f"{sorted(input_pipeline.TARGETS)}")
+    raise ValueError(
+      f"{source}: model contract target {c['target']!r} is not one of "
+      f"{sorted(input_pipeline.TARGETS)}"
+    )
   if c.get("in_channels", 1) != 1:
-    raise ValueError(f"{source}: model expects {c['in_channels']} input channels; CT "
-                     "inference feeds 1")
+    raise ValueError(
+      f"{source}: model expects {c['in_channels']} input channels; CT inference feeds 1"
+    )
   if not 0.0 < float(c["threshold"]) < 1.0:
     raise ValueError(f"{source}: model contract threshold {c['threshold']} not in (0, 1)")
   num_outputs = c["model"].get("num_outputs", 1) if isinstance(c["model"], dict) else None
   k = c.get("output_channel", 0)
-  if (not isinstance(num_outputs, int) or not isinstance(k, int) or isinstance(k, bool)
-      or not 0 <= k < num_outputs):
-    raise ValueError(f"{source}: model contract output_channel {k!r} is not a channel of the "
-                     f"{num_outputs} logit channels")
+  if (
+    not isinstance(num_outputs, int)
+    or not isinstance(k, int)
+    or isinstance(k, bool)
+    or not 0 <= k < num_outputs
+  ):
+    raise ValueError(
+      f"{source}: model contract output_channel {k!r} is not a channel of the "
+      f"{num_outputs} logit channels"
+    )
 
 
 def write(workdir: str, c: dict[str, Any]) -> None:

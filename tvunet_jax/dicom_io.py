@@ -90,7 +90,8 @@ class CtSeries:
 
 def series_name(uid: str, description: str) -> str:
   """A file-name-safe stem for a series' outputs: the sanitised SeriesDescription (or "series")
-  and 8 hex digits of the UID's SHA-1 (UIDs of one scanner often share their tails, hashes do not)."""
+  and 8 hex digits of the UID's SHA-1 (UIDs of one scanner often share their tails, hashes do
+  not)."""
   stem = re.sub(r"[^A-Za-z0-9._-]+", "_", description).strip("._-")[:48] or "series"
   return f"{stem}-{hashlib.sha1(uid.encode()).hexdigest()[:8]}"
 
@@ -190,7 +191,9 @@ def read_series(folder: str, series_uid: str | None = None) -> list[CtSeries]:
       UIDs are listed); `series_uid` not in the folder; or a series that is not one regular CT
       stack (see `_validate`), naming the series and, where there is one, the file.
   """
-  return [load_series(folder, uid, items) for uid, items in select_series(folder, series_uid).items()]
+  return [
+    load_series(folder, uid, items) for uid, items in select_series(folder, series_uid).items()
+  ]
 
 
 def select_series(folder: str, series_uid: str | None = None) -> dict[str, list[tuple[str, Any]]]:

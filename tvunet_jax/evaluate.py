@@ -82,8 +82,9 @@ def resolve_checkpoint(workdir: str, checkpoint: str | None) -> str:
   return path
 
 
-def data_locations(workdir: str, manual_dir: str | None = None, data_dir: str | None = None
-                   ) -> tuple[str, str, str]:
+def data_locations(
+  workdir: str, manual_dir: str | None = None, data_dir: str | None = None
+) -> tuple[str, str, str]:
   """(manual_dir, data_dir, builder_config) of a run, from its config.json unless overridden."""
   cfg: dict[str, Any] = {}
   path = os.path.join(workdir, "config.json")
@@ -92,8 +93,9 @@ def data_locations(workdir: str, manual_dir: str | None = None, data_dir: str | 
       cfg = json.load(f).get("data", {})
   elif not (manual_dir and data_dir):
     raise ValueError(f"{path}: not found; pass --manual_dir and --data_dir")
-  manual, data = input_pipeline.data_dirs(workdir, manual_dir or cfg.get("manual_dir", ""),
-                                          data_dir or cfg.get("data_dir", ""))
+  manual, data = input_pipeline.data_dirs(
+    workdir, manual_dir or cfg.get("manual_dir", ""), data_dir or cfg.get("data_dir", "")
+  )
   return manual, data, cfg.get("builder_config", "paper_128")
 
 
@@ -130,13 +132,19 @@ def choose_overlay_slices(source, target: str, k: int) -> list[tuple[str, int]]:
 
 
 def _accumulator(contract: dict) -> metrics.SegmentationAccumulator:
-  return metrics.SegmentationAccumulator(thresholds=metrics.PAPER_THRESHOLDS,
-                                         operating_threshold=float(contract["threshold"]))
+  return metrics.SegmentationAccumulator(
+    thresholds=metrics.PAPER_THRESHOLDS, operating_threshold=float(contract["threshold"])
+  )
 
 
-def evaluate_network(predictor: predict.SlicePredictor, contract: dict, source, *,
-                     overlay_keys: Sequence[tuple[str, int]] = (), progress: bool = False
-                     ) -> tuple[dict[str, Any], dict[tuple[str, int], tuple]]:
+def evaluate_network(
+  predictor: predict.SlicePredictor,
+  contract: dict,
+  source,
+  *,
+  overlay_keys: Sequence[tuple[str, int]] = (),
+  progress: bool = False,
+) -> tuple[dict[str, Any], dict[tuple[str, int], tuple]]:
   """One pass at the network's resolution over a split preprocessed as in training.
 
   Args:
@@ -150,17 +158,26 @@ def evaluate_network(predictor: predict.SlicePredictor, contract: dict, source, 
   """
   shape = tuple(np.shape(source[0]["image"]))
   if shape != tuple(contract["image_size"]):
-    raise ValueError(f"data slices are {shape}, the model expects {contract['image_size']}; "
-                     "evaluate on the TFDS config the run was trained on")
+    raise ValueError(
+      f"data slices are {shape}, the model expects {contract['image_size']}; "
+      "evaluate on the TFDS config the run was trained on"
+    )
   acc = _accumulator(contract)
   keep = set(overlay_keys)
   kept: dict[tuple[str, int], tuple] = {}
   batches = input_pipeline.eval_batches(
-      source, local_batch_size=predictor.batch_size, target=contract["target"],
-      intensity=contract["intensity"], sharding=None, process_index=0, process_count=1)
+    source,
+    local_batch_size=predictor.batch_size,
+    target=contract["target"],
+    intensity=contract["intensity"],
+    sharding=None,
+    process_index=0,
+    process_count=1,
+  )
   total = -(-len(source) // predictor.batch_size)
-  for batch, meta in tqdm.tqdm(batches, total=total, disable=not progress, desc="network",
-                               unit="batch", leave=False):
+  for batch, meta in tqdm.tqdm(
+    batches, total=total, disable=not progress, desc="network", unit="batch", leave=False
+  ):
     valid = meta["valid"]
     images = batch["image"][valid, ..., 0]
     labels = batch["label"][valid, ..., 0]
@@ -173,8 +190,9 @@ def evaluate_network(predictor: predict.SlicePredictor, contract: dict, source, 
   return acc.result(), kept
 
 
-def evaluate_native(predictor: predict.SlicePredictor, contract: dict, source, *,
-                    progress: bool = False) -> dict[str, Any]:
+def evaluate_native(
+  predictor: predict.SlicePredictor, contract: dict, source, *, progress: bool = False
+) -> dict[str, Any]:
   """One pass at native resolution: slices resized to the network, probabilities resized back.
 
   Args:
@@ -193,8 +211,7 @@ def evaluate_native(predictor: predict.SlicePredictor, contract: dict, source, *
   spacing: dict[str, np.ndarray] = {}
   n = len(source)
   b = predictor.batch_size
-  for start in tqdm.trange(0, n, b, disable=not progress, desc="native", unit="batch",
-                           leave=False):
+  for start in tqdm.trange(0, n, b, disable=not progress, desc="native", unit="batch", leave=False):
     examples = [source[i] for i in range(start, min(start + b, n))]
     x = np.concatenate([predict.network_inputs(ex["image"][None], contract) for ex in examples])
     probs_net = predictor(x)
@@ -204,9 +221,14 @@ def evaluate_native(predictor: predict.SlicePredictor, contract: dict, source, *
       groups.setdefault(tuple(ex["image"].shape), []).append(j)
     for shape, idx in groups.items():
       probs = volumes.resize_back(probs_net[idx], shape)
-      labels = np.stack([input_pipeline.preprocess(
-          examples[j], target=contract["target"], intensity=contract["intensity"]
-      )["label"][..., 0] for j in idx])
+      labels = np.stack(
+        [
+          input_pipeline.preprocess(
+            examples[j], target=contract["target"], intensity=contract["intensity"]
+          )["label"][..., 0]
+          for j in idx
+        ]
+      )
       ids = [examples[j]["volume_id"].decode() for j in idx]
       acc.update(probs, labels, volume_ids=ids)
       for j, vid, p, y in zip(idx, ids, probs, labels):
@@ -219,16 +241,26 @@ def evaluate_native(predictor: predict.SlicePredictor, contract: dict, source, *
     pred = np.stack([by_index[k][0] for k in order], axis=-1)  # (H, W, Z)
     truth = np.stack([by_index[k][1] for k in order], axis=-1)
     per_volume[vid] = metrics.lesionwise_scores(pred, truth, spacing[vid])
-  result["lesionwise"] = {"per_volume": per_volume,
-                          "summary": metrics.summarize_lesionwise(per_volume.values())}
+  result["lesionwise"] = {
+    "per_volume": per_volume,
+    "summary": metrics.summarize_lesionwise(per_volume.values()),
+  }
   return result
 
 
-def evaluate_run(workdir: str, *, split: str = "test", checkpoint: str | None = None,
-                 mesh: jax.sharding.Mesh | None = None, batch_size: int = 32,
-                 native: bool = True, overlay_keys: Sequence[tuple[str, int]] = (),
-                 manual_dir: str | None = None, data_dir: str | None = None,
-                 progress: bool = False) -> dict[str, Any]:
+def evaluate_run(
+  workdir: str,
+  *,
+  split: str = "test",
+  checkpoint: str | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  batch_size: int = 32,
+  native: bool = True,
+  overlay_keys: Sequence[tuple[str, int]] = (),
+  manual_dir: str | None = None,
+  data_dir: str | None = None,
+  progress: bool = False,
+) -> dict[str, Any]:
   """Restores a run's checkpoint and evaluates it on `split` at both resolutions.
 
   Returns:
@@ -244,12 +276,14 @@ def evaluate_run(workdir: str, *, split: str = "test", checkpoint: str | None = 
   try:
     source = input_pipeline.load_split(data, config_name, split)
   except Exception as e:  # TFDS raises several types for a missing build or split
-    raise ValueError(f"{data}: cannot read split {split!r} of {covid19_ct_seg.NAME}/"
-                     f"{config_name} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-                     ) from None
+    raise ValueError(
+      f"{data}: cannot read split {split!r} of {covid19_ct_seg.NAME}/"
+      f"{config_name} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    ) from None
   try:
-    network, overlays = evaluate_network(predictor, contract, source, overlay_keys=overlay_keys,
-                                         progress=progress)
+    network, overlays = evaluate_network(
+      predictor, contract, source, overlay_keys=overlay_keys, progress=progress
+    )
   except ValueError as e:
     raise ValueError(f"{data}/{covid19_ct_seg.NAME}/{config_name} ({split}): {e}") from None
   native_result = None
@@ -257,16 +291,21 @@ def evaluate_run(workdir: str, *, split: str = "test", checkpoint: str | None = 
     try:
       covid19_ct_seg.build(manual, data, NATIVE_CONFIG)
     except nifti_io.VolumeError as e:
-      raise ValueError(f"{e} (native resolution needs the raw files; pass --no_native to skip)"
-                       ) from None
+      raise ValueError(
+        f"{e} (native resolution needs the raw files; pass --no_native to skip)"
+      ) from None
     native_result = evaluate_native(
-        predictor, contract, input_pipeline.load_split(data, NATIVE_CONFIG, split),
-        progress=progress)
-  return {"workdir": workdir, "checkpoint": {"path": path, "step": step},
-          "contract": contract,
-          "data": {"manual_dir": manual, "data_dir": data, "builder_config": config_name,
-                   "split": split},
-          "network": network, "native": native_result, "overlays": overlays}
+      predictor, contract, input_pipeline.load_split(data, NATIVE_CONFIG, split), progress=progress
+    )
+  return {
+    "workdir": workdir,
+    "checkpoint": {"path": path, "step": step},
+    "contract": contract,
+    "data": {"manual_dir": manual, "data_dir": data, "builder_config": config_name, "split": split},
+    "network": network,
+    "native": native_result,
+    "overlays": overlays,
+  }
 
 
 def run_names(workdirs: Sequence[str]) -> list[str]:
@@ -281,12 +320,21 @@ def run_names(workdirs: Sequence[str]) -> list[str]:
   return names
 
 
-def evaluate_workdirs(workdirs: Sequence[str], *, split: str = "test",
-                      checkpoint: str | None = None, out_dir: str | None = None,
-                      native: bool = True, overlay_slices: Sequence[tuple[str, int]] | None = None,
-                      num_overlays: int = 4, batch_size: int = 32, num_devices: int = -1,
-                      manual_dir: str | None = None, data_dir: str | None = None,
-                      progress: bool = False) -> dict[str, Any]:
+def evaluate_workdirs(
+  workdirs: Sequence[str],
+  *,
+  split: str = "test",
+  checkpoint: str | None = None,
+  out_dir: str | None = None,
+  native: bool = True,
+  overlay_slices: Sequence[tuple[str, int]] | None = None,
+  num_overlays: int = 4,
+  batch_size: int = 32,
+  num_devices: int = -1,
+  manual_dir: str | None = None,
+  data_dir: str | None = None,
+  progress: bool = False,
+) -> dict[str, Any]:
   """Evaluates every workdir on `split` and writes one set of outputs comparing them.
 
   Returns:
@@ -310,26 +358,46 @@ def evaluate_workdirs(workdirs: Sequence[str], *, split: str = "test",
   keys = keys or []
   runs = {}
   for name, w in zip(run_names(workdirs), workdirs):
-    runs[name] = evaluate_run(w, split=split, checkpoint=checkpoint, mesh=mesh,
-                              batch_size=batch_size, native=native, overlay_keys=keys,
-                              manual_dir=manual_dir, data_dir=data_dir, progress=progress)
+    runs[name] = evaluate_run(
+      w,
+      split=split,
+      checkpoint=checkpoint,
+      mesh=mesh,
+      batch_size=batch_size,
+      native=native,
+      overlay_keys=keys,
+      manual_dir=manual_dir,
+      data_dir=data_dir,
+      progress=progress,
+    )
   paths = evaluation_report.write_outputs(runs, split, out_dir, keys)
   return {"runs": runs, "paths": paths}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line; returns the exit code (0 ok, 2 on a bad workdir, checkpoint or data)."""
-  ap = argparse.ArgumentParser(prog="python -m tvunet_jax.evaluate",
-                               description="Evaluate trained runs on a data split.")
-  ap.add_argument("--workdir", action="append", required=True,
-                  help="training workdir; repeat to compare runs side by side")
+  ap = argparse.ArgumentParser(
+    prog="python -m tvunet_jax.evaluate", description="Evaluate trained runs on a data split."
+  )
+  ap.add_argument(
+    "--workdir",
+    action="append",
+    required=True,
+    help="training workdir; repeat to compare runs side by side",
+  )
   ap.add_argument("--split", default="test", help="train, validation or test")
-  ap.add_argument("--checkpoint", default=None,
-                  help="best (default, else latest), latest, a step number, or a path")
+  ap.add_argument(
+    "--checkpoint",
+    default=None,
+    help="best (default, else latest), latest, a step number, or a path",
+  )
   ap.add_argument("--out", default=None, help="default <first workdir>/eval/<split>[_compare]")
   ap.add_argument("--no_native", action="store_true", help="skip the native-resolution pass")
-  ap.add_argument("--overlay_slices", default="",
-                  help="volume:slice list, e.g. rp7:3,rp8:10 (default: largest lesions)")
+  ap.add_argument(
+    "--overlay_slices",
+    default="",
+    help="volume:slice list, e.g. rp7:3,rp8:10 (default: largest lesions)",
+  )
   ap.add_argument("--num_overlays", type=int, default=4)
   ap.add_argument("--batch_size", type=int, default=32)
   ap.add_argument("--num_devices", type=int, default=-1)
@@ -341,21 +409,33 @@ def main(argv: Sequence[str] | None = None) -> int:
   console.configure(args.verbosity)
   try:
     result = evaluate_workdirs(
-        args.workdir, split=args.split, checkpoint=args.checkpoint, out_dir=args.out,
-        native=not args.no_native, overlay_slices=parse_slices(args.overlay_slices) or None,
-        num_overlays=args.num_overlays, batch_size=args.batch_size, num_devices=args.num_devices,
-        manual_dir=args.manual_dir, data_dir=args.data_dir, progress=not args.no_progress)
+      args.workdir,
+      split=args.split,
+      checkpoint=args.checkpoint,
+      out_dir=args.out,
+      native=not args.no_native,
+      overlay_slices=parse_slices(args.overlay_slices) or None,
+      num_overlays=args.num_overlays,
+      batch_size=args.batch_size,
+      num_devices=args.num_devices,
+      manual_dir=args.manual_dir,
+      data_dir=args.data_dir,
+      progress=not args.no_progress,
+    )
   except (ValueError, nifti_io.VolumeError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  fmt = evaluation_report.fmt
   for name, r in result["runs"].items():
     for res in evaluation_report.RESOLUTIONS:
       m = r[res]
       if m is not None:
         op = m["operating"]
-        print(f"{name} {res}: dice {evaluation_report.fmt(op['dice'])} iou {evaluation_report.fmt(op['iou'])} "
-              f"AP {evaluation_report.fmt(m['average_precision'])} mean volume dice "
-              f"{evaluation_report.fmt(m['mean_volume_dice'])}")
+        print(
+          f"{name} {res}: dice {fmt(op['dice'])} iou {fmt(op['iou'])} "
+          f"AP {fmt(m['average_precision'])} mean volume dice "
+          f"{evaluation_report.fmt(m['mean_volume_dice'])}"
+        )
   print(f"wrote {', '.join(result['paths'].values())}")
   return 0
 

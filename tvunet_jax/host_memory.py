@@ -3,8 +3,8 @@
 This module owns one process-wide setting. With `TVUNET_MALLOC=reuse` every entry point
 (`main`, `predict`, `evaluate`, and the experiments' benchmark, profiler, reproduction and
 precision studies) applies it before JAX starts its threads. Why: on CPU, XLA allocates the
-buffers of every executable run afresh (the paper model's train step: ~1.1 GB of temporaries) and frees
-them at its end. glibc serves blocks over its mmap threshold (32 MiB at most) with `mmap` and
+buffers of every executable run afresh (the paper model's train step: ~1.1 GB of temporaries) and
+frees them at its end. glibc serves blocks over its mmap threshold (32 MiB at most) with `mmap` and
 returns them with `munmap`, so every run touches fresh pages: 280,000 page faults per paper
 train step at batch 8, 32,000 per inference batch (measured with `getrusage`). With
 
@@ -27,7 +27,7 @@ import ctypes
 import os
 import sys
 
-ENV = 'TVUNET_MALLOC'  # 'system' (default: leave malloc as it is) or 'reuse' (the policy)
+ENV = "TVUNET_MALLOC"  # 'system' (default: leave malloc as it is) or 'reuse' (the policy)
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -39,11 +39,11 @@ _applied: bool | None = None
 
 
 def _glibc() -> ctypes.CDLL | None:
-  if not sys.platform.startswith('linux'):
+  if not sys.platform.startswith("linux"):
     return None
   try:
-    libc = ctypes.CDLL('libc.so.6')
-    libc.gnu_get_libc_version  # pylint: disable=pointless-statement  # glibc only
+    libc = ctypes.CDLL("libc.so.6")
+    _ = libc.gnu_get_libc_version  # glibc only: musl has no such symbol
   except (OSError, AttributeError):
     return None
   return libc
@@ -62,10 +62,10 @@ def keep_freed_memory() -> bool:
   global _applied
   if _applied is not None:
     return _applied
-  mode = os.environ.get(ENV, 'system')
-  if mode not in ('reuse', 'system'):
+  mode = os.environ.get(ENV, "system")
+  if mode not in ("reuse", "system"):
     raise ValueError(f"{ENV} must be 'reuse' or 'system', got {mode!r}")
-  libc = None if mode == 'system' else _glibc()
+  libc = None if mode == "system" else _glibc()
   # Every setting is attempted (a list, not a short-circuiting all()), so a failure cannot leave
   # some in force while status() says 'system'; any failure reports the policy as not in force.
   results = [libc.mallopt(k, v) == 1 for k, v in _SETTINGS] if libc is not None else [False]
@@ -75,4 +75,4 @@ def keep_freed_memory() -> bool:
 
 def status() -> str:
   """'reuse' when the policy is in force in this process, else 'system'."""
-  return 'reuse' if _applied else 'system'
+  return "reuse" if _applied else "system"

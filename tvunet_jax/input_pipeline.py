@@ -37,9 +37,9 @@ from tvunet_jax import atomic, console
 LUNG_WINDOW = (-1350.0, 150.0)
 AIR_HU = -1000.0
 TARGETS = {
-    "ground_glass": (1,),  # the paper's target: ground-glass opacity vs everything else
-    "lesion": (1, 2),  # ground-glass or consolidation
-    "any": (1, 2, 3),  # every labelled finding, effusion included
+  "ground_glass": (1,),  # the paper's target: ground-glass opacity vs everything else
+  "lesion": (1, 2),  # ground-glass or consolidation
+  "any": (1, 2, 3),  # every labelled finding, effusion included
 }
 INTENSITIES = ("raw_hu", "lung_window")
 
@@ -52,6 +52,7 @@ class Augment:
   (degrees) and translation (pixels), drawn uniformly. hu_jitter: maximum absolute HU offset added
   to the whole slice (scanner calibration differences).
   """
+
   flip: float = 0.0
   rotate_deg: float = 0.0
   shift_px: float = 0.0
@@ -65,12 +66,18 @@ class Augment:
 def data_dirs(workdir: str, manual_dir: str = "", data_dir: str = "") -> tuple[str, str]:
   """(manual_dir, data_dir) of a run: the configured folders, else <workdir>/data/{medseg_phantom,
   tfds} (the embedded phantom's default home)."""
-  return (manual_dir or os.path.join(workdir, "data", "medseg_phantom"),
-          data_dir or os.path.join(workdir, "data", "tfds"))
+  return (
+    manual_dir or os.path.join(workdir, "data", "medseg_phantom"),
+    data_dir or os.path.join(workdir, "data", "tfds"),
+  )
 
 
-def prepare_dataset(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                    builder_config: str, phantom: dict | None = None) -> None:
+def prepare_dataset(
+  manual_dir: str | os.PathLike,
+  data_dir: str | os.PathLike,
+  builder_config: str,
+  phantom: dict | None = None,
+) -> None:
   """Makes `covid19_ct_seg/<builder_config>` exist in `data_dir`.
 
   With `phantom` (keyword arguments of `phantom.write_medseg_phantom`), a missing or empty
@@ -80,6 +87,7 @@ def prepare_dataset(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
   manual_dir = os.path.abspath(os.fspath(manual_dir))
   if phantom is not None and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
     from tvunet_jax import phantom as phantom_lib  # pylint: disable=g-import-not-at-top
+
     # Generated beside the target and renamed into place: an interrupted run never leaves a
     # partial phantom under manual_dir. A non-empty manual_dir is data and is never replaced.
     # Process 0 is the only writer, so a leftover temporary folder is a killed start's: removed.
@@ -101,8 +109,12 @@ def prepare_data(config: Any, workdir: str) -> str:
   if jax.process_index() == 0:
     t0 = time.time()
     with console.library_prints():  # TFDS's "Downloading and preparing dataset Unknown size"
-      prepare_dataset(manual_dir, data_dir, d.builder_config,
-                      phantom=d.phantom.to_dict() if d.generate_phantom else None)
+      prepare_dataset(
+        manual_dir,
+        data_dir,
+        d.builder_config,
+        phantom=d.phantom.to_dict() if d.generate_phantom else None,
+      )
     logging.info("data: %s in %s (%.0f s)", d.builder_config, data_dir, time.time() - t0)
   multihost_utils.sync_global_devices("data prepared")
   return data_dir
@@ -115,8 +127,9 @@ def volume_names(source) -> list[str]:
 
 def load_split(data_dir: str | os.PathLike, config: str, split: str):
   """Random-access source of one split of `covid19_ct_seg/<config>` (no TensorFlow needed)."""
-  return tfds.data_source(f"{covid19_ct_seg.NAME}/{config}", split=split,
-                          data_dir=os.fspath(data_dir), download=False)
+  return tfds.data_source(
+    f"{covid19_ct_seg.NAME}/{config}", split=split, data_dir=os.fspath(data_dir), download=False
+  )
 
 
 def lung_window(hu: np.ndarray) -> np.ndarray:
@@ -136,8 +149,9 @@ def preprocess_image(image: np.ndarray, *, intensity: str = "raw_hu") -> np.ndar
   return image
 
 
-def preprocess(example: dict, *, target: str = "ground_glass",
-               intensity: str = "raw_hu") -> dict[str, np.ndarray]:
+def preprocess(
+  example: dict, *, target: str = "ground_glass", intensity: str = "raw_hu"
+) -> dict[str, np.ndarray]:
   """One decoded TFDS example -> model input and target.
 
   Returns:
@@ -169,8 +183,9 @@ def augment_example(example: dict, rng: np.random.Generator, aug: Augment) -> di
     rot = np.array([[c, -s], [s, c]])
     center = (np.array(image.shape) - 1) / 2.0
     offset = center - rot @ (center + shift)  # output pixel o samples input rot @ o + offset
-    image = scipy.ndimage.affine_transform(image, rot, offset, order=1, mode="constant",
-                                           cval=AIR_HU)
+    image = scipy.ndimage.affine_transform(
+      image, rot, offset, order=1, mode="constant", cval=AIR_HU
+    )
     mask = scipy.ndimage.affine_transform(mask, rot, offset, order=0, mode="constant", cval=0)
   if aug.hu_jitter:
     image = image + np.float32(rng.uniform(-aug.hu_jitter, aug.hu_jitter))
@@ -192,17 +207,30 @@ class TrainIterator:
   thread pool (decoding and scipy release the GIL). `get_state()`/`set_state()` are JSON-able.
   """
 
-  def __init__(self, source, *, local_batch_size: int, seed: int, target: str = "ground_glass",
-               intensity: str = "raw_hu", augment: Augment = Augment(),
-               sharding: jax.sharding.Sharding | None = None, process_index: int | None = None,
-               process_count: int | None = None, num_threads: int = 2, prefetch: int = 2):
+  def __init__(
+    self,
+    source,
+    *,
+    local_batch_size: int,
+    seed: int,
+    target: str = "ground_glass",
+    intensity: str = "raw_hu",
+    augment: Augment = Augment(),
+    sharding: jax.sharding.Sharding | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int = 2,
+    prefetch: int = 2,
+  ):
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     per_process = len(source) // pc
     if per_process < local_batch_size:
-      raise ValueError(f"train split has {len(source)} slices over {pc} process(es): "
-                       f"{per_process} per process, fewer than the per-process batch "
-                       f"{local_batch_size}")
+      raise ValueError(
+        f"train split has {len(source)} slices over {pc} process(es): "
+        f"{per_process} per process, fewer than the per-process batch "
+        f"{local_batch_size}"
+      )
     # Strided shards of equal length: every process sees the same number of batches per epoch.
     ds = grain.MapDataset.source(source)[pi::pc][:per_process].seed(seed).shuffle()
     if augment.enabled:
@@ -244,9 +272,16 @@ class TrainIterator:
     self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def eval_batches(source, *, local_batch_size: int, target: str = "ground_glass",
-                 intensity: str = "raw_hu", sharding: jax.sharding.Sharding | None = None,
-                 process_index: int | None = None, process_count: int | None = None):
+def eval_batches(
+  source,
+  *,
+  local_batch_size: int,
+  target: str = "ground_glass",
+  intensity: str = "raw_hu",
+  sharding: jax.sharding.Sharding | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+):
   """One ordered pass over an evaluation split, padded so every process yields the same count.
 
   Yields `(batch, meta)`: batch holds global arrays "image", "label" (B, H, W, 1) f32 and "valid"
@@ -260,7 +295,7 @@ def eval_batches(source, *, local_batch_size: int, target: str = "ground_glass",
   num_batches = -(-per_process // local_batch_size)
   template = preprocess(source[0], target=target, intensity=intensity)
   for b in range(num_batches):
-    rows = indices[b * local_batch_size:(b + 1) * local_batch_size]
+    rows = indices[b * local_batch_size : (b + 1) * local_batch_size]
     examples = [source[i] for i in rows]
     pre = [preprocess(ex, target=target, intensity=intensity) for ex in examples]
     pad = local_batch_size - len(pre)  # uneven shards and the last batch are padded
@@ -268,9 +303,9 @@ def eval_batches(source, *, local_batch_size: int, target: str = "ground_glass",
     label = np.stack([p["label"] for p in pre] + [np.zeros_like(template["label"])] * pad)
     valid = np.array([1.0] * len(pre) + [0.0] * pad, np.float32)
     meta = {
-        "volume_id": np.array([ex["volume_id"].decode() for ex in examples] + [""] * pad),
-        "slice_index": np.array([ex["slice_index"] for ex in examples] + [-1] * pad, np.int32),
-        "valid": valid > 0,
-        "spacing": np.array([ex["spacing"] for ex in examples] + [[0.0] * 3] * pad, np.float32),
+      "volume_id": np.array([ex["volume_id"].decode() for ex in examples] + [""] * pad),
+      "slice_index": np.array([ex["slice_index"] for ex in examples] + [-1] * pad, np.int32),
+      "valid": valid > 0,
+      "spacing": np.array([ex["spacing"] for ex in examples] + [[0.0] * 3] * pad, np.float32),
     }
     yield to_global({"image": image, "label": label, "valid": valid}, sharding), meta

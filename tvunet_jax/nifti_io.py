@@ -64,8 +64,14 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32, check_finite: bool
     raise VolumeError(f"{path}: file not found")
   try:
     img = nib.load(path)
-  except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, gzip.BadGzipFile,
-          ValueError) as e:
+  except (
+    nib.filebasedimages.ImageFileError,
+    EOFError,
+    OSError,
+    zlib.error,
+    gzip.BadGzipFile,
+    ValueError,
+  ) as e:
     raise VolumeError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise VolumeError(f"{path}: not a NIfTI image (got {type(img).__name__})")
@@ -91,8 +97,10 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32, check_finite: bool
     lo, hi = (raw.min(), raw.max()) if raw.size else (0, 0)
     if lo < max(info.min, 0) or hi > info.max:
       bad = lo if lo < max(info.min, 0) else hi
-      raise VolumeError(f"{path}: label value {bad:g} outside {max(info.min, 0)}..{info.max} "
-                        f"({np.dtype(dtype).name} labels)")
+      raise VolumeError(
+        f"{path}: label value {bad:g} outside {max(info.min, 0)}..{info.max} "
+        f"({np.dtype(dtype).name} labels)"
+      )
     data = raw.astype(dtype)
   else:
     data = np.asarray(raw, dtype=dtype)
@@ -100,12 +108,23 @@ def load_volume(path: str | os.PathLike, *, dtype=np.float32, check_finite: bool
       n = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
       raise VolumeError(f"{path}: {n} NaN/inf voxels")
   zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-  return Volume(data, np.asarray(img.affine, dtype=np.float64), zooms, img.header.copy(),
-                tuple(int(s) for s in shape))
+  return Volume(
+    data,
+    np.asarray(img.affine, dtype=np.float64),
+    zooms,
+    img.header.copy(),
+    tuple(int(s) for s in shape),
+  )
 
 
-def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, *,
-                like: nib.Nifti1Header | None = None, intent: str = INTENT_NONE) -> None:
+def save_volume(
+  data: np.ndarray,
+  affine: np.ndarray,
+  path: str | os.PathLike,
+  *,
+  like: nib.Nifti1Header | None = None,
+  intent: str = INTENT_NONE,
+) -> None:
   """Writes `data` (X, Y, Z) with `affine` (4, 4) to `path` atomically (temp file, then rename).
 
   The dtype of `data` is kept (uint8 masks, int16 or float32 HU), with no intensity scaling.
@@ -139,4 +158,3 @@ def save_volume(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, *
   suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
   with atomic.replacing(path, suffix=suffix) as tmp:
     nib.save(img, tmp)
-

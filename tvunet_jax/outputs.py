@@ -35,7 +35,7 @@ def nifti_stem(path: str) -> str:
   name = os.path.basename(path)
   for ext in NIFTI_ENDINGS:
     if name.endswith(ext):
-      return name[:-len(ext)]
+      return name[: -len(ext)]
   return name
 
 
@@ -47,7 +47,7 @@ def output_stems(items: Sequence[tuple[str, str]]) -> list[str]:
   depth = [0] * len(items)
 
   def stem(i):
-    prefix = [p for p in parents[i][len(parents[i]) - depth[i]:] if p] if depth[i] else []
+    prefix = [p for p in parents[i][len(parents[i]) - depth[i] :] if p] if depth[i] else []
     return "_".join([*prefix, items[i][1]])
 
   while True:
@@ -67,6 +67,7 @@ def output_stems(items: Sequence[tuple[str, str]]) -> list[str]:
 @dataclasses.dataclass
 class Segmentation:
   """Outputs for one volume, in the input's voxel order (X, Y, Z as the file stores them)."""
+
   mask: np.ndarray  # input shape, uint8 {0, 1}
   probs: np.ndarray  # input shape, float32 [0, 1]
   lung: np.ndarray | None  # input shape, bool, or None (no lung mask)
@@ -77,7 +78,9 @@ class Segmentation:
   report: dict[str, Any]
 
 
-def volume_report(mask: np.ndarray, ori: volumes.Orientation, lung: np.ndarray | None) -> dict[str, Any]:
+def volume_report(
+  mask: np.ndarray, ori: volumes.Orientation, lung: np.ndarray | None
+) -> dict[str, Any]:
   """The clinical numbers of a display-oriented (H, W, Z) bool mask.
 
   Volumes use |det| of the affine (the voxel volume, also for oblique grids); per-slice areas are
@@ -90,35 +93,39 @@ def volume_report(mask: np.ndarray, ori: volumes.Orientation, lung: np.ndarray |
   if ori.slice_axis_flipped:
     per_slice = per_slice[::-1]
   out = {
-      "voxel_volume_mm3": voxel_mm3,
-      "lesion_voxels": int(mask.sum()),
-      "lesion_volume_ml": float(mask.sum()) * voxel_mm3 / 1000.0,
-      "num_lesions": int(n),
-      "lesion_volumes_ml": sorted((float(s) * voxel_mm3 / 1000.0 for s in sizes), reverse=True),
-      "slice_axis": ori.slice_axis,
-      "per_slice_lesion_area_mm2": per_slice.tolist(),
-      "slices_with_lesion": int(np.count_nonzero(per_slice)),
-      "lung_volume_ml": None,
-      "lesion_in_lung_ml": None,
-      "percent_lung_involved": None,
+    "voxel_volume_mm3": voxel_mm3,
+    "lesion_voxels": int(mask.sum()),
+    "lesion_volume_ml": float(mask.sum()) * voxel_mm3 / 1000.0,
+    "num_lesions": int(n),
+    "lesion_volumes_ml": sorted((float(s) * voxel_mm3 / 1000.0 for s in sizes), reverse=True),
+    "slice_axis": ori.slice_axis,
+    "per_slice_lesion_area_mm2": per_slice.tolist(),
+    "slices_with_lesion": int(np.count_nonzero(per_slice)),
+    "lung_volume_ml": None,
+    "lesion_in_lung_ml": None,
+    "percent_lung_involved": None,
   }
   if lung is not None:
     lung_vox = float(lung.sum())
     inside = float((mask & lung).sum())
-    out.update(lung_volume_ml=lung_vox * voxel_mm3 / 1000.0,
-               lesion_in_lung_ml=inside * voxel_mm3 / 1000.0,
-               percent_lung_involved=100.0 * inside / lung_vox if lung_vox else None)
+    out.update(
+      lung_volume_ml=lung_vox * voxel_mm3 / 1000.0,
+      lesion_in_lung_ml=inside * voxel_mm3 / 1000.0,
+      percent_lung_involved=100.0 * inside / lung_vox if lung_vox else None,
+    )
   return out
 
 
 def save_overlay(seg: Segmentation, path: str, max_slices: int = 12, cols: int = 4) -> None:
   """PNG grid: the lesion outline (red) over the CT in a lung window, on slices with lesion."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   z_all = seg.display_hu.shape[2]
   with_lesion = np.flatnonzero(seg.display_mask.any(axis=(0, 1)))
   pool = with_lesion if with_lesion.size else np.arange(z_all)
-  pick = pool[np.unique(np.linspace(0, pool.size - 1, min(max_slices, pool.size)).round()
-                        .astype(int))]
+  pick = pool[
+    np.unique(np.linspace(0, pool.size - 1, min(max_slices, pool.size)).round().astype(int))
+  ]
   rows = math.ceil(len(pick) / cols)
   ncols = min(cols, len(pick))
   fig = Figure(figsize=(3 * ncols, 3.2 * rows))
@@ -127,18 +134,28 @@ def save_overlay(seg: Segmentation, path: str, max_slices: int = 12, cols: int =
     ax = fig.add_subplot(rows, ncols, i + 1)
     ax.imshow(writers.to_window(seg.display_hu[:, :, z]), cmap="gray", vmin=0, vmax=1)
     if seg.display_mask[:, :, z].any():
-      ax.contour(seg.display_mask[:, :, z].astype(np.float32), levels=[0.5], colors="red",
-                 linewidths=0.8)
+      ax.contour(
+        seg.display_mask[:, :, z].astype(np.float32), levels=[0.5], colors="red", linewidths=0.8
+      )
     k = ori.shape[ori.slice_axis] - 1 - z if ori.slice_axis_flipped else z
     ax.set_title(f"slice {k}", fontsize=9)
     ax.set_axis_off()
-  fig.suptitle(f"{os.path.basename(seg.report['input'])}: lesion outline (red), lung window; "
-               "image left = patient right", fontsize=9)
+  fig.suptitle(
+    f"{os.path.basename(seg.report['input'])}: lesion outline (red), lung window; "
+    "image left = patient right",
+    fontsize=9,
+  )
   writers.save_figure(fig, path)
 
 
-def output_paths(out_dir: str, stem: str, *, probabilities: bool = False, overlay: bool = False,
-                 dicom_seg: bool = False) -> dict[str, str]:
+def output_paths(
+  out_dir: str,
+  stem: str,
+  *,
+  probabilities: bool = False,
+  overlay: bool = False,
+  dicom_seg: bool = False,
+) -> dict[str, str]:
   """The files one volume writes (the report last: its presence marks a finished volume)."""
   paths = {"mask": os.path.join(out_dir, f"{stem}_mask.nii.gz")}
   if probabilities:
@@ -158,6 +175,7 @@ def check_no_foreign_outputs(specs: Sequence[InputSpec], out_dir: str) -> None:
     nifti_io.VolumeError: `<stem>_report.json` exists and names a different input.
   """
   import json  # pylint: disable=g-import-not-at-top
+
   for spec in specs:
     report = os.path.join(out_dir, f"{spec.stem}_report.json")
     if not os.path.exists(report):
@@ -169,13 +187,20 @@ def check_no_foreign_outputs(specs: Sequence[InputSpec], out_dir: str) -> None:
       old = {}
     if (old.get("input"), old.get("series_uid")) != (spec.source, spec.series_uid):
       raise nifti_io.VolumeError(
-          f"{spec.source}: its outputs would overwrite those of {old.get('input', 'another input')}"
-          f" in {out_dir} ({os.path.basename(report)}); choose another --out")
+        f"{spec.source}: its outputs would overwrite those of {old.get('input', 'another input')}"
+        f" in {out_dir} ({os.path.basename(report)}); choose another --out"
+      )
 
 
-def write_outputs(seg: Segmentation, out_dir: str, stem: str | None = None, *,
-                  probabilities: bool = False, overlay: bool = False,
-                  algorithm_version: str = "") -> dict[str, Any]:
+def write_outputs(
+  seg: Segmentation,
+  out_dir: str,
+  stem: str | None = None,
+  *,
+  probabilities: bool = False,
+  overlay: bool = False,
+  algorithm_version: str = "",
+) -> dict[str, Any]:
   """Writes mask (+ probabilities, overlay, DICOM SEG) and the JSON report; returns the report.
 
   `stem` names the files (default: the input file's name without `.nii[.gz]`).
@@ -187,26 +212,37 @@ def write_outputs(seg: Segmentation, out_dir: str, stem: str | None = None, *,
   os.makedirs(out_dir, exist_ok=True)
   vol = seg.volume
   stem = stem or nifti_stem(vol.source)
-  paths = output_paths(out_dir, stem, probabilities=probabilities, overlay=overlay,
-                       dicom_seg=vol.series is not None)
+  paths = output_paths(
+    out_dir, stem, probabilities=probabilities, overlay=overlay, dicom_seg=vol.series is not None
+  )
   report = dict(seg.report, outputs={k: os.path.abspath(v) for k, v in paths.items()})
   shape = vol.file_shape or vol.data.shape
   done = []
   try:
-    nifti_io.save_volume(seg.mask.reshape(shape), vol.affine, paths["mask"], like=vol.header,
-                         intent=nifti_io.INTENT_LABEL)
+    nifti_io.save_volume(
+      seg.mask.reshape(shape),
+      vol.affine,
+      paths["mask"],
+      like=vol.header,
+      intent=nifti_io.INTENT_LABEL,
+    )
     done.append(paths["mask"])
     if probabilities:
-      nifti_io.save_volume(seg.probs.reshape(shape), vol.affine, paths["probabilities"],
-                           like=vol.header)
+      nifti_io.save_volume(
+        seg.probs.reshape(shape), vol.affine, paths["probabilities"], like=vol.header
+      )
       done.append(paths["probabilities"])
     if overlay:
       save_overlay(seg, paths["overlay"])
       done.append(paths["overlay"])
     if vol.series is not None:
-      dicom_io.write_segmentation(seg.mask, vol.series, paths["dicom_seg"],
-                                  algorithm_version=algorithm_version,
-                                  threshold=seg.report["threshold"])
+      dicom_io.write_segmentation(
+        seg.mask,
+        vol.series,
+        paths["dicom_seg"],
+        algorithm_version=algorithm_version,
+        threshold=seg.report["threshold"],
+      )
       done.append(paths["dicom_seg"])
     atomic.write_json(paths["report"], metrics.to_jsonable(report))
   except BaseException:
@@ -219,20 +255,24 @@ def write_outputs(seg: Segmentation, out_dir: str, stem: str | None = None, *,
 
 def console_table(reports: Sequence[dict[str, Any]]) -> str:
   """A short fixed-width table, one row per volume."""
-  head = (f"{'volume':<28} {'lesion mL':>10} {'lesions':>8} {'slices':>7} {'lung mL':>9} "
-          f"{'% lung':>7}")
+  head = (
+    f"{'volume':<28} {'lesion mL':>10} {'lesions':>8} {'slices':>7} {'lung mL':>9} {'% lung':>7}"
+  )
   lines = [head, "-" * len(head)]
   for r in reports:
     lung = "-" if r["lung_volume_ml"] is None else f"{r['lung_volume_ml']:.1f}"
     pct = "-" if r["percent_lung_involved"] is None else f"{r['percent_lung_involved']:.2f}"
-    name = os.path.basename(r["outputs"]["report"])[:-len("_report.json")]
-    lines.append(f"{name[:28]:<28} {r['lesion_volume_ml']:>10.2f} "
-                 f"{r['num_lesions']:>8d} {r['slices_with_lesion']:>7d} {lung:>9} {pct:>7}")
+    name = os.path.basename(r["outputs"]["report"])[: -len("_report.json")]
+    lines.append(
+      f"{name[:28]:<28} {r['lesion_volume_ml']:>10.2f} "
+      f"{r['num_lesions']:>8d} {r['slices_with_lesion']:>7d} {lung:>9} {pct:>7}"
+    )
   return "\n".join(lines)
 
 
 def algorithm_version() -> str:
   import importlib.metadata  # pylint: disable=g-import-not-at-top
+
   try:
     return f"tvunet_jax {importlib.metadata.version('tvunet_jax')}"
   except importlib.metadata.PackageNotFoundError:

@@ -1,4 +1,4 @@
-r"""Applying a trained model: a chest-CT volume (NIfTI file or DICOM series) in, a mask and report out.
+r"""Applying a trained model: a chest-CT volume (NIfTI or DICOM series) in, a mask and report out.
 
 This module owns inference on whole volumes: loading the network (a checkpoint, or an export with
 no Flax model built), planning and reading the inputs, preprocessing exactly as in training (from
@@ -62,8 +62,9 @@ from tvunet_jax import contract as contract_lib
 # ----------------------------------------------------------------------------- the network
 
 
-def load_model(checkpoint: str, mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[models.UNet, Any, dict]:
+def load_model(
+  checkpoint: str, mesh: jax.sharding.Mesh | None = None
+) -> tuple[models.UNet, Any, dict]:
   """(model, variables, contract) from a workdir or checkpoint; one-line ValueError otherwise.
 
   The U-Net is rebuilt from the contract saved with the weights (no config file needed); the
@@ -75,19 +76,24 @@ def load_model(checkpoint: str, mesh: jax.sharding.Mesh | None = None
     contract_lib.check(contract, checkpoint)
     model = models.build(contract["model"], axis_name=sharding.DATA_AXIS)
     h, w = contract["image_size"]
-    abstract = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, h, w, contract.get("in_channels", 1))), train=False))
+    abstract = jax.eval_shape(
+      lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, h, w, contract.get("in_channels", 1))), train=False
+      )
+    )
     rep = sharding.replicated(mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                            abstract)
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract
+    )
     variables, _ = checkpointing.restore_variables(checkpoint, abstract)
   except FileNotFoundError as e:
     raise ValueError(str(e).splitlines()[0]) from None
   except (KeyError, TypeError, ValueError, OSError) as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if not msg.startswith(os.path.abspath(checkpoint)) and not msg.startswith(checkpoint):
-      msg = (f"{checkpoint}: checkpoint incompatible with this model code "
-             f"({type(e).__name__}: {msg})")
+      msg = (
+        f"{checkpoint}: checkpoint incompatible with this model code ({type(e).__name__}: {msg})"
+      )
     raise ValueError(msg[:400]) from None
   return model, variables, contract
 
@@ -120,8 +126,15 @@ class SlicePredictor:
   Single-process only (one host's devices).
   """
 
-  def __init__(self, model: Any, variables: Any, *, mesh: jax.sharding.Mesh | None = None,
-               batch_size: int = 32, channel: int = 0):
+  def __init__(
+    self,
+    model: Any,
+    variables: Any,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    batch_size: int = 32,
+    channel: int = 0,
+  ):
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     n = self.mesh.devices.size
     self.batch_size = max(1, math.ceil(batch_size / n)) * n
@@ -134,7 +147,8 @@ class SlicePredictor:
       return jax.nn.sigmoid(logits[..., channel].astype(jnp.float32))
 
     self._fn = sharding.under_mesh(
-        self.mesh, jax.jit(probs_fn, in_shardings=(rep, rows), out_shardings=rows))
+      self.mesh, jax.jit(probs_fn, in_shardings=(rep, rows), out_shardings=rows)
+    )
 
   def rows_for(self, n: int) -> int:
     """Rows one call runs for `n` (1 <= n <= batch_size) slices: the full batch, or for fewer
@@ -143,31 +157,39 @@ class SlicePredictor:
     per_device = -(-n // devices)
     return min(self.batch_size, devices * (1 << (per_device - 1).bit_length()))
 
-  def __call__(self, images: np.ndarray, *, progress: bool = False,
-               desc: str = "slices") -> np.ndarray:
+  def __call__(
+    self, images: np.ndarray, *, progress: bool = False, desc: str = "slices"
+  ) -> np.ndarray:
     """(N, h, w) float32 network inputs -> (N, h, w) float32 probabilities in [0, 1]."""
     images = np.asarray(images, np.float32)
     n = images.shape[0]
     out = np.empty(images.shape, np.float32)
     b = self.batch_size
-    for start in tqdm.trange(0, n, b, disable=not progress, desc=desc, unit="batch",
-                             leave=False, dynamic_ncols=True):
-      chunk = images[start:start + b]
+    for start in tqdm.trange(
+      0, n, b, disable=not progress, desc=desc, unit="batch", leave=False, dynamic_ncols=True
+    ):
+      chunk = images[start : start + b]
       rows = len(chunk)
       pad = self.rows_for(rows) - rows
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
       x = jax.device_put(chunk[..., None], self._rows)
-      out[start:start + rows] = np.asarray(self._fn(self._variables, x))[:rows]
+      out[start : start + rows] = np.asarray(self._fn(self._variables, x))[:rows]
     return out
 
 
-def checkpoint_predictor(checkpoint: str, *, mesh: jax.sharding.Mesh | None = None,
-                         batch_size: int = 32) -> tuple[SlicePredictor, dict]:
+def checkpoint_predictor(
+  checkpoint: str, *, mesh: jax.sharding.Mesh | None = None, batch_size: int = 32
+) -> tuple[SlicePredictor, dict]:
   """(predictor, contract) of a training checkpoint (see `load_model`)."""
   model, variables, contract = load_model(checkpoint, mesh)
-  return SlicePredictor(model, variables, mesh=mesh, batch_size=batch_size,
-                        channel=contract_lib.output_channel(contract)), contract
+  return SlicePredictor(
+    model,
+    variables,
+    mesh=mesh,
+    batch_size=batch_size,
+    channel=contract_lib.output_channel(contract),
+  ), contract
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -176,6 +198,7 @@ def checkpoint_predictor(checkpoint: str, *, mesh: jax.sharding.Mesh | None = No
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
   """One volume to segment, known before its voxels are read: a NIfTI file or a DICOM series."""
+
   source: str  # absolute path of the file or series folder
   stem: str  # output name stem (unique within a run; see `output_stems`)
   series_uid: str | None = None  # DICOM only
@@ -185,6 +208,7 @@ class InputSpec:
 @dataclasses.dataclass(frozen=True, eq=False)
 class InputVolume:
   """A loaded input in its own voxel order."""
+
   data: np.ndarray  # (X, Y, Z) float32 HU
   affine: np.ndarray  # (4, 4) voxel -> RAS+ mm
   source: str
@@ -229,16 +253,24 @@ def load_input(spec: InputSpec) -> InputVolume:
     ser = dicom_io.load_series(spec.source, spec.series_uid, list(spec.dicom_items))
     return InputVolume(ser.data, ser.affine, spec.source, series=ser, file_shape=ser.data.shape)
   vol = nifti_io.load_volume(spec.source, dtype=np.float32)
-  return InputVolume(vol.data, vol.affine, spec.source, header=vol.header,
-                     file_shape=vol.file_shape)
+  return InputVolume(
+    vol.data, vol.affine, spec.source, header=vol.header, file_shape=vol.file_shape
+  )
 
 
 # ----------------------------------------------------------------------------- one volume
 
 
-def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
-                   lung_mask_path: str | None = None, derive_lung: bool = True,
-                   threshold: float | None = None, progress: bool = False) -> outputs.Segmentation:
+def segment_volume(
+  volume: str | InputVolume,
+  predictor: Any,
+  contract: dict,
+  *,
+  lung_mask_path: str | None = None,
+  derive_lung: bool = True,
+  threshold: float | None = None,
+  progress: bool = False,
+) -> outputs.Segmentation:
   """Segments one CT volume; nothing is written.
 
   Args:
@@ -253,8 +285,8 @@ def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
     progress: show a progress bar over slice batches.
 
   Returns:
-    A `outputs.Segmentation` (mask uint8 and probabilities float32 in the input's shape and voxel order,
-    the report dict).
+    An `outputs.Segmentation` (mask uint8 and probabilities float32 in the input's shape and
+    voxel order, the report dict).
 
   Raises:
     nifti_io.VolumeError: unreadable, non-3D or non-finite volume, singular affine, or a lung
@@ -274,11 +306,14 @@ def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
   if lung_mask_path:
     lm = nifti_io.load_volume(lung_mask_path, dtype=np.uint8)
     if lm.data.shape != volume.data.shape:
-      raise nifti_io.VolumeError(f"{lung_mask_path}: lung mask shape {lm.data.shape} differs "
-                                 f"from volume shape {volume.data.shape} of {volume.source}")
+      raise nifti_io.VolumeError(
+        f"{lung_mask_path}: lung mask shape {lm.data.shape} differs "
+        f"from volume shape {volume.data.shape} of {volume.source}"
+      )
     if not np.allclose(lm.affine, affine, atol=1e-3):
-      raise nifti_io.VolumeError(f"{lung_mask_path}: lung mask affine differs from that of "
-                                 f"{volume.source}")
+      raise nifti_io.VolumeError(
+        f"{lung_mask_path}: lung mask affine differs from that of {volume.source}"
+      )
     lung_display = ori.to_display(lm.data > 0)
     lung_source = os.path.abspath(lung_mask_path)
 
@@ -292,7 +327,8 @@ def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
     lung_display = volumes.derive_lung_mask(hu) | mask
     lung_source = "derived (HU threshold, see tvunet_jax.volumes)"
   report = outputs.volume_report(mask, ori, lung_display)
-  report.update({
+  report.update(
+    {
       "input": volume.source,
       "series_uid": volume.series.uid if volume.series is not None else None,
       "shape": list(volume.file_shape or volume.data.shape),
@@ -304,15 +340,23 @@ def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
       "network_size": list(contract["image_size"]),
       "lung_source": lung_source,
       "warnings": [],
-  })
+    }
+  )
   if float(volume.data.min()) > -500.0:
-    report["warnings"].append(f"minimum value {float(volume.data.min()):.0f} > -500: the volume "
-                              "does not look like CT in HU (no air); results are meaningless")
+    report["warnings"].append(
+      f"minimum value {float(volume.data.min()):.0f} > -500: the volume "
+      "does not look like CT in HU (no air); results are meaningless"
+    )
   return outputs.Segmentation(
-      mask=ori.from_display(mask.astype(np.uint8)),
-      probs=ori.from_display(probs.astype(np.float32)),
-      lung=None if lung_display is None else ori.from_display(lung_display),
-      volume=volume, display_hu=hu, display_mask=mask, orientation=ori, report=report)
+    mask=ori.from_display(mask.astype(np.uint8)),
+    probs=ori.from_display(probs.astype(np.float32)),
+    lung=None if lung_display is None else ori.from_display(lung_display),
+    volume=volume,
+    display_hu=hu,
+    display_mask=mask,
+    orientation=ori,
+    report=report,
+  )
 
 
 # ----------------------------------------------------------------------------- command line
@@ -320,22 +364,32 @@ def segment_volume(volume: str | InputVolume, predictor: Any, contract: dict, *,
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line; returns the exit code (0 ok, 2 a bad model, bad arguments or a bad volume)."""
-  ap = argparse.ArgumentParser(prog="python -m tvunet_jax.predict",
-                               description="Segment COVID-19 lesions in chest CT (NIfTI files or "
-                               "DICOM series folders).")
+  ap = argparse.ArgumentParser(
+    prog="python -m tvunet_jax.predict",
+    description="Segment COVID-19 lesions in chest CT (NIfTI files or DICOM series folders).",
+  )
   ap.add_argument("volumes", nargs="+", help=".nii / .nii.gz CT volumes in HU, or DICOM folders")
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--checkpoint", help="training workdir (its best checkpoint) or a checkpoint")
   src.add_argument("--model", help="an export folder (python -m tvunet_jax.export)")
-  ap.add_argument("--runtime", default="auto", choices=("auto", "onnx", "stablehlo"),
-                  help="with --model: ONNX Runtime or the serialized StableHLO")
-  ap.add_argument("--series", default=None,
-                  help="DICOM folder with several series: a SeriesInstanceUID, or 'all'")
+  ap.add_argument(
+    "--runtime",
+    default="auto",
+    choices=("auto", "onnx", "stablehlo"),
+    help="with --model: ONNX Runtime or the serialized StableHLO",
+  )
+  ap.add_argument(
+    "--series", default=None, help="DICOM folder with several series: a SeriesInstanceUID, or 'all'"
+  )
   ap.add_argument("--out", required=True, help="output folder")
   ap.add_argument("--probabilities", action="store_true", help="also write the probability map")
   ap.add_argument("--overlay", action="store_true", help="also write an overlay PNG per volume")
-  ap.add_argument("--lung_mask", action="append", default=[],
-                  help="lung mask per volume (repeat, in the order of the volumes)")
+  ap.add_argument(
+    "--lung_mask",
+    action="append",
+    default=[],
+    help="lung mask per volume (repeat, in the order of the volumes)",
+  )
   ap.add_argument("--no_lung", action="store_true", help="do not derive a lung mask")
   ap.add_argument("--threshold", type=float, default=None, help="default: the model's")
   ap.add_argument("--batch_size", type=int, default=32, help="slices per batch (global)")
@@ -361,26 +415,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     outputs.check_no_foreign_outputs(specs, args.out)
     if args.model:
       from tvunet_jax import exported  # pylint: disable=g-import-not-at-top
-      predictor = exported.load_exported(args.model, runtime=args.runtime,
-                                         batch_size=args.batch_size)
+
+      predictor = exported.load_exported(
+        args.model, runtime=args.runtime, batch_size=args.batch_size
+      )
       contract, model_source = predictor.contract, os.path.abspath(args.model)
     else:
       mesh = sharding.make_mesh(args.num_devices)
-      predictor, contract = checkpoint_predictor(args.checkpoint, mesh=mesh,
-                                                 batch_size=args.batch_size)
+      predictor, contract = checkpoint_predictor(
+        args.checkpoint, mesh=mesh, batch_size=args.batch_size
+      )
       model_source = os.path.abspath(args.checkpoint)
   except (ValueError, ImportError) as e:
     return fail(str(e).splitlines()[0])
   reports, failed = [], 0
   for i, spec in enumerate(specs):
     try:
-      seg = segment_volume(load_input(spec), predictor, contract,
-                           lung_mask_path=args.lung_mask[i] if args.lung_mask else None,
-                           derive_lung=not args.no_lung, threshold=args.threshold,
-                           progress=not args.no_progress)
+      seg = segment_volume(
+        load_input(spec),
+        predictor,
+        contract,
+        lung_mask_path=args.lung_mask[i] if args.lung_mask else None,
+        derive_lung=not args.no_lung,
+        threshold=args.threshold,
+        progress=not args.no_progress,
+      )
       seg.report["model"] = model_source
-      reports.append(outputs.write_outputs(seg, args.out, spec.stem, probabilities=args.probabilities,
-                                   overlay=args.overlay, algorithm_version=outputs.algorithm_version()))
+      reports.append(
+        outputs.write_outputs(
+          seg,
+          args.out,
+          spec.stem,
+          probabilities=args.probabilities,
+          overlay=args.overlay,
+          algorithm_version=outputs.algorithm_version(),
+        )
+      )
       for w in seg.report["warnings"]:
         print(f"warning: {spec.source}: {w}", file=sys.stderr)
     except (nifti_io.VolumeError, ValueError) as e:

@@ -27,17 +27,33 @@ from tvunet_jax import atomic
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.json"
 
-MUTABLE_ON_RESUME = frozenset({
-    "train.num_epochs", "train.num_steps", "train.stop_after_steps",
-    "train.learning_rate", "train.plateau_patience", "train.plateau_factor",
-    "train.min_learning_rate", "train.early_stop_patience",
-    "train.eval_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
-    "train.log_every_steps", "train.init_checkpoint", "train.per_device_batch_size",
-    "eval.batch_size", "eval.num_overlays",
-    "data.num_threads", "data.prefetch", "data.manual_dir", "data.data_dir",
-    "mesh.num_devices", "mesh.fsdp",
+MUTABLE_ON_RESUME = frozenset(
+  {
+    "train.num_epochs",
+    "train.num_steps",
+    "train.stop_after_steps",
+    "train.learning_rate",
+    "train.plateau_patience",
+    "train.plateau_factor",
+    "train.min_learning_rate",
+    "train.early_stop_patience",
+    "train.eval_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.log_every_steps",
+    "train.init_checkpoint",
+    "train.per_device_batch_size",
+    "eval.batch_size",
+    "eval.num_overlays",
+    "data.num_threads",
+    "data.prefetch",
+    "data.manual_dir",
+    "data.data_dir",
+    "mesh.num_devices",
+    "mesh.fsdp",
     "model.conv_backend",
-})
+  }
+)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -65,14 +81,17 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str
     if a == b:
       continue
     if key not in MUTABLE_ON_RESUME:
-      raise ValueError(f"config field {key} may not change on resume: checkpoint {a!r}, now "
-                       f"{b!r}; revert it or start a new workdir")
+      raise ValueError(
+        f"config field {key} may not change on resume: checkpoint {a!r}, now "
+        f"{b!r}; revert it or start a new workdir"
+      )
     changes.append((key, a, b))
   return changes
 
 
-def record_start(workdir: str, config: dict[str, Any], *, step: int,
-                 changes: list[tuple[str, Any, Any]]) -> None:
+def record_start(
+  workdir: str, config: dict[str, Any], *, step: int, changes: list[tuple[str, Any, Any]]
+) -> None:
   """Keeps this start's resolved config: `config.json` once, and one entry in the history."""
   os.makedirs(workdir, exist_ok=True)
   first = os.path.join(workdir, CONFIG_FILE)
@@ -83,10 +102,12 @@ def record_start(workdir: str, config: dict[str, Any], *, step: int,
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       history = json.load(f)
-  history.append({
+  history.append(
+    {
       "start_step": step,
       "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "changes": [{"field": k, "old": a, "new": b} for k, a, b in changes],
       "config": config,
-  })
+    }
+  )
   atomic.write_json(path, history)

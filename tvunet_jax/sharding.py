@@ -37,8 +37,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     raise ValueError(f"mesh asks for {n} devices but only {len(devices)} are visible")
   if jax.process_count() > 1 and n != len(devices):
     raise ValueError("multi-process runs must use every device (mesh.num_devices = -1)")
-  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                       devices=devices[:n])
+  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -67,8 +66,9 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """Rows of the global batch this process feeds: its share of the mesh's devices."""
   n = mesh.shape[DATA_AXIS]
   if global_batch_size % n:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by the {n} devices "
-                     "of the data axis")
+    raise ValueError(
+      f"global batch {global_batch_size} is not divisible by the {n} devices of the data axis"
+    )
   local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   return global_batch_size // n * local
 

@@ -57,22 +57,32 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
   return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
 
 
-def create_state(rng: jax.Array, *, model: models.UNet, tx: optax.GradientTransformation,
-                 image_shape: tuple[int, int, int]) -> TrainState:
+def create_state(
+  rng: jax.Array,
+  *,
+  model: models.UNet,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, int, int],
+) -> TrainState:
   """Fresh state for (H, W, C) inputs; jitted with `out_shardings` so it is born sharded."""
   init_rng, dropout_seed = jax.random.split(rng)
   # Dropout draws from the `rbg` generator (XLA RngBitGenerator): its masks compile ~25x faster
   # than threefry's on XLA:CPU and are identical on 1 and 8 devices (tested).
-  state_rng = jax.random.key_data(jax.random.key(
-      jax.random.bits(dropout_seed, (), jnp.uint32), impl=DROPOUT_RNG_IMPL))
+  state_rng = jax.random.key_data(
+    jax.random.key(jax.random.bits(dropout_seed, (), jnp.uint32), impl=DROPOUT_RNG_IMPL)
+  )
   # Parameters are born replicated, so the partitionable threefry (needed for layout-independent
   # dropout masks) buys nothing here and compiles ~5x slower on XLA:CPU.
   with jax.threefry_partitionable(False):
     variables = model.init(init_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    rng=state_rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(params),
+    rng=state_rng,
+  )
 
 
 def _microbatches(x: jax.Array, n_devices: int, accum: int) -> jax.Array:
@@ -84,9 +94,16 @@ def _microbatches(x: jax.Array, n_devices: int, accum: int) -> jax.Array:
   return x.reshape(accum, g // accum, *x.shape[3:])
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.UNet,
-               tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
-               accum: int = 1, n_devices: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: models.UNet,
+  tx: optax.GradientTransformation,
+  loss_cfg: ml_collections.ConfigDict,
+  accum: int = 1,
+  n_devices: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on a global batch.
 
   Args:
@@ -99,15 +116,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
     update_norm, param_norm, learning_rate and `finite` (1.0 if loss and gradients are finite;
     the caller must not keep or save a state from a step with `finite == 0`).
   """
-  dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=DROPOUT_RNG_IMPL),
-                                   state.step)
+  dropout_rng = jax.random.fold_in(
+    jax.random.wrap_key_data(state.rng, impl=DROPOUT_RNG_IMPL), state.step
+  )
 
   def loss_fn(params, batch_stats, micro, rng):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, micro["image"],
-                                  train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-    loss, aux = losses.total_loss(logits, micro["label"], tv_weight=loss_cfg.tv_weight,
-                                  tv_reduction=loss_cfg.tv_reduction, tv_kind=loss_cfg.tv_kind,
-                                  dice_weight=loss_cfg.dice_weight)
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats},
+      micro["image"],
+      train=True,
+      rngs={"dropout": rng},
+      mutable=["batch_stats"],
+    )
+    loss, aux = losses.total_loss(
+      logits,
+      micro["label"],
+      tv_weight=loss_cfg.tv_weight,
+      tv_reduction=loss_cfg.tv_reduction,
+      tv_kind=loss_cfg.tv_kind,
+      dice_weight=loss_cfg.dice_weight,
+    )
     return loss, (updates["batch_stats"], aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -120,12 +148,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
       grads_sum, batch_stats = carry
       micro, i = xs
       (loss, (batch_stats, aux)), grads = grad_fn(
-          state.params, batch_stats, micro, jax.random.fold_in(dropout_rng, i))
+        state.params, batch_stats, micro, jax.random.fold_in(dropout_rng, i)
+      )
       return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, batch_stats), (loss, aux) = jax.lax.scan(
-        body, (zeros, state.batch_stats), (micro_batches, jnp.arange(accum)))
+      body, (zeros, state.batch_stats), (micro_batches, jnp.arange(accum))
+    )
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss, aux = jnp.mean(loss), jax.tree.map(jnp.mean, aux)
 
@@ -133,20 +163,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+  new_state = state.replace(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  )
   # No in-graph guard (a tree-wide select costs compile time and memory traffic every step): the
   # host stops the run on `finite == 0` before anything is saved, so checkpoints stay good.
-  out = {"loss": loss, **aux, "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates),
-         "param_norm": optax.tree.norm(params),
-         "learning_rate": opt_state.hyperparams["learning_rate"],
-         "finite": finite.astype(jnp.float32)}
+  out = {
+    "loss": loss,
+    **aux,
+    "grad_norm": grad_norm,
+    "update_norm": optax.tree.norm(updates),
+    "param_norm": optax.tree.norm(params),
+    "learning_rate": opt_state.hyperparams["learning_rate"],
+    "finite": finite.astype(jnp.float32),
+  }
   return new_state, out
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.UNet,
-              loss_cfg: ml_collections.ConfigDict, num_bins: int = EVAL_NUM_BINS
-              ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+def eval_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: models.UNet,
+  loss_cfg: ml_collections.ConfigDict,
+  num_bins: int = EVAL_NUM_BINS,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
   """Loss sums, metric sums and probabilities of one padded evaluation batch (padding: valid 0).
 
   The loss is computed per image and averaged over images, so `eval/loss` does not depend on the
@@ -161,47 +202,90 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.U
      probabilities (B, H, W) float32 of the lesion channel (`losses.lesion_channel`), left
      batch-sharded: each host reads only its own rows, for the per-slice statistics).
   """
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                       batch["image"], train=False)
+  logits = model.apply(
+    {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+  )
   valid = batch["valid"]
 
   def per_image(lg, lb):
-    loss, aux = losses.total_loss(lg[None], lb[None], tv_weight=loss_cfg.tv_weight,
-                                  tv_reduction=loss_cfg.tv_reduction, tv_kind=loss_cfg.tv_kind,
-                                  dice_weight=loss_cfg.dice_weight)
+    loss, aux = losses.total_loss(
+      lg[None],
+      lb[None],
+      tv_weight=loss_cfg.tv_weight,
+      tv_reduction=loss_cfg.tv_reduction,
+      tv_kind=loss_cfg.tv_kind,
+      dice_weight=loss_cfg.dice_weight,
+    )
     return loss, aux["bce"], aux["tv"]
 
   loss, bce, tv = jax.vmap(per_image)(logits, batch["label"])
   probs = jax.nn.sigmoid(logits[..., losses.lesion_channel(logits.shape[-1])])
-  sums = {"loss_sum": jnp.sum(loss * valid), "bce_sum": jnp.sum(bce * valid),
-          "tv_sum": jnp.sum(tv * valid), "count": jnp.sum(valid)}
-  stats = metrics.batch_stats(probs, batch["label"][..., 0], metrics.PAPER_THRESHOLDS,
-                              valid[:, None, None].astype(probs.dtype), num_bins=num_bins)
+  sums = {
+    "loss_sum": jnp.sum(loss * valid),
+    "bce_sum": jnp.sum(bce * valid),
+    "tv_sum": jnp.sum(tv * valid),
+    "count": jnp.sum(valid),
+  }
+  stats = metrics.batch_stats(
+    probs,
+    batch["label"][..., 0],
+    metrics.PAPER_THRESHOLDS,
+    valid[:, None, None].astype(probs.dtype),
+    num_bins=num_bins,
+  )
   return sums, stats, probs
 
 
-def make_train_fn(*, model: models.UNet, tx: optax.GradientTransformation,
-                  loss_cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                  state_shardings: Any, accum: int = 1):
+def make_train_fn(
+  *,
+  model: models.UNet,
+  tx: optax.GradientTransformation,
+  loss_cfg: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  state_shardings: Any,
+  accum: int = 1,
+):
   """The one jitted `train_step`: (state, batch) -> (state, metrics), used by training, tests and
   the benchmark. The state is donated; batches are sharded over the mesh's data axis, metrics
   replicated; it traces under `mesh` so the CPU kernels run per shard."""
   batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  step = functools.partial(train_step, model=model, tx=tx, loss_cfg=loss_cfg, accum=accum,
-                           n_devices=mesh.shape[sharding.DATA_AXIS])
-  return sharding.under_mesh(mesh, jax.jit(
-      step, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated),
-      donate_argnums=0))
+  step = functools.partial(
+    train_step,
+    model=model,
+    tx=tx,
+    loss_cfg=loss_cfg,
+    accum=accum,
+    n_devices=mesh.shape[sharding.DATA_AXIS],
+  )
+  return sharding.under_mesh(
+    mesh,
+    jax.jit(
+      step,
+      in_shardings=(state_shardings, batch_sh),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0,
+    ),
+  )
 
 
-def make_eval_fn(*, model: models.UNet, loss_cfg: ml_collections.ConfigDict,
-                 mesh: jax.sharding.Mesh, state_shardings: Any):
+def make_eval_fn(
+  *,
+  model: models.UNet,
+  loss_cfg: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  state_shardings: Any,
+):
   """The one jitted `eval_step`: (state, batch) -> (loss sums, metric sums, probabilities); the
   sums replicated, the probabilities batch-sharded."""
   batch_sh, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  return sharding.under_mesh(mesh, jax.jit(
+  return sharding.under_mesh(
+    mesh,
+    jax.jit(
       functools.partial(eval_step, model=model, loss_cfg=loss_cfg),
-      in_shardings=(state_shardings, batch_sh), out_shardings=(replicated, replicated, batch_sh)))
+      in_shardings=(state_shardings, batch_sh),
+      out_shardings=(replicated, replicated, batch_sh),
+    ),
+  )
 
 
 def _check_batch_config(config: ml_collections.ConfigDict, mesh) -> int:
@@ -213,26 +297,38 @@ def _check_batch_config(config: ml_collections.ConfigDict, mesh) -> int:
   per_step = n * t.grad_accum_steps
   if t.global_batch_size % per_step:
     raise ValueError(
-        f"train.global_batch_size={t.global_batch_size} is not divisible by devices ({n}) x "
-        f"grad_accum_steps ({t.grad_accum_steps}) = {per_step}")
+      f"train.global_batch_size={t.global_batch_size} is not divisible by devices ({n}) x "
+      f"grad_accum_steps ({t.grad_accum_steps}) = {per_step}"
+    )
   per_device = t.global_batch_size // per_step
   if t.per_device_batch_size not in (-1, per_device):
     raise ValueError(
-        f"train.per_device_batch_size={t.per_device_batch_size} contradicts global_batch_size="
-        f"{t.global_batch_size} / ({n} devices x {t.grad_accum_steps} accumulation steps) = "
-        f"{per_device}")
+      f"train.per_device_batch_size={t.per_device_batch_size} contradicts global_batch_size="
+      f"{t.global_batch_size} / ({n} devices x {t.grad_accum_steps} accumulation steps) = "
+      f"{per_device}"
+    )
   if config.model.num_outputs not in (1, 2):
-    raise ValueError(f"model.num_outputs={config.model.num_outputs}: the heads are 1 (lesion) or "
-                     "2 (the authors': background, lesion) sigmoid channels")
+    raise ValueError(
+      f"model.num_outputs={config.model.num_outputs}: the heads are 1 (lesion) or "
+      "2 (the authors': background, lesion) sigmoid channels"
+    )
   if config.eval.batch_size % n:
-    raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the {n} "
-                     "devices")
+    raise ValueError(
+      f"eval.batch_size={config.eval.batch_size} is not divisible by the {n} devices"
+    )
   return per_device
 
 
-def evaluate(eval_fn, state: TrainState, source, names: list[str], *,
-             config: ml_collections.ConfigDict, batch_sharding: jax.sharding.Sharding,
-             local_eval_batch: int) -> dict[str, Any]:
+def evaluate(
+  eval_fn,
+  state: TrainState,
+  source,
+  names: list[str],
+  *,
+  config: ml_collections.ConfigDict,
+  batch_sharding: jax.sharding.Sharding,
+  local_eval_batch: int,
+) -> dict[str, Any]:
   """A full pass over one split: the threshold table, loss, per-volume and connectivity stats.
 
   Nothing of the size of an image crosses between hosts: the pixel-level sums come summed from
@@ -247,14 +343,21 @@ def evaluate(eval_fn, state: TrainState, source, names: list[str], *,
     `SegmentationAccumulator.result()` plus loss, bce, tv, num_slices and "overlays" (images,
     labels, probs of the first `eval.num_overlays` slices of this process's rows).
   """
-  acc = metrics.SegmentationAccumulator(thresholds=metrics.PAPER_THRESHOLDS,
-                                        num_bins=EVAL_NUM_BINS, volume_names=names,
-                                        operating_threshold=config.eval.threshold)
+  acc = metrics.SegmentationAccumulator(
+    thresholds=metrics.PAPER_THRESHOLDS,
+    num_bins=EVAL_NUM_BINS,
+    volume_names=names,
+    operating_threshold=config.eval.threshold,
+  )
   totals: dict[str, np.ndarray] = {}
   overlays = None
   for batch, meta in input_pipeline.eval_batches(
-      source, local_batch_size=local_eval_batch, target=config.data.target,
-      intensity=config.data.intensity, sharding=batch_sharding):
+    source,
+    local_batch_size=local_eval_batch,
+    target=config.data.target,
+    intensity=config.data.intensity,
+    sharding=batch_sharding,
+  ):
     sums, stats, probs = eval_fn(state, batch)
     for k, v in jax.device_get(sums).items():
       totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
@@ -263,8 +366,9 @@ def evaluate(eval_fn, state: TrainState, source, names: list[str], *,
     labels = sharding.local_rows(batch["label"])[..., 0]
     valid = sharding.local_rows(batch["valid"]) > 0
     if valid.any():
-      acc.add_slices(probs[valid] >= config.eval.threshold, labels[valid],
-                     volume_ids=meta["volume_id"][valid])
+      acc.add_slices(
+        probs[valid] >= config.eval.threshold, labels[valid], volume_ids=meta["volume_id"][valid]
+      )
     if overlays is None:
       k = config.eval.num_overlays
       images = sharding.local_rows(batch["image"])[..., 0]
@@ -274,8 +378,13 @@ def evaluate(eval_fn, state: TrainState, source, names: list[str], *,
     acc.set_slice_state({k: np.sum(v, axis=0) for k, v in summed.items()})
   result = acc.result()
   n = max(float(totals["count"]), 1.0)
-  result.update(loss=float(totals["loss_sum"]) / n, bce=float(totals["bce_sum"]) / n,
-                tv=float(totals["tv_sum"]) / n, num_slices=int(totals["count"]), overlays=overlays)
+  result.update(
+    loss=float(totals["loss_sum"]) / n,
+    bce=float(totals["bce_sum"]) / n,
+    tv=float(totals["tv_sum"]) / n,
+    num_slices=int(totals["count"]),
+    overlays=overlays,
+  )
   return result
 
 
@@ -288,20 +397,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.make_mesh(config.mesh.num_devices)
   _check_batch_config(config, mesh)  # fails before any data is built
   batch_sh = sharding.batch_sharding(mesh)
-  logging.info("processes %d, devices %d (%s), mesh %s", jax.process_count(), jax.device_count(),
-               jax.devices()[0].device_kind, dict(mesh.shape))
+  logging.info(
+    "processes %d, devices %d (%s), mesh %s",
+    jax.process_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+    dict(mesh.shape),
+  )
 
   # ---------------------------------------------------------------- data
   data_dir = input_pipeline.prepare_data(config, workdir)
   train_src = input_pipeline.load_split(data_dir, config.data.builder_config, "train")
-  eval_src = input_pipeline.load_split(data_dir, config.data.builder_config,
-                                       config.data.eval_split)
+  eval_src = input_pipeline.load_split(data_dir, config.data.builder_config, config.data.eval_split)
   a = config.data.augment
   train_iter = input_pipeline.TrainIterator(
-      train_src, local_batch_size=sharding.local_batch_size(t.global_batch_size, mesh),
-      seed=config.seed, target=config.data.target, intensity=config.data.intensity,
-      augment=input_pipeline.Augment(a.flip, a.rotate_deg, a.shift_px, a.hu_jitter),
-      sharding=batch_sh, num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+    train_src,
+    local_batch_size=sharding.local_batch_size(t.global_batch_size, mesh),
+    seed=config.seed,
+    target=config.data.target,
+    intensity=config.data.intensity,
+    augment=input_pipeline.Augment(a.flip, a.rotate_deg, a.shift_px, a.hu_jitter),
+    sharding=batch_sh,
+    num_threads=config.data.num_threads,
+    prefetch=config.data.prefetch,
+  )
   image_size = tuple(train_src[0]["image"].shape)
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = t.num_steps if t.num_steps > 0 else t.num_epochs * steps_per_epoch
@@ -310,14 +429,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- model and state
   model = models.build(config.model, axis_name=sharding.DATA_AXIS)
   ops = model.conv_backend  # resolved once, when the model was built (conv.ConvOps)
-  logging.info("convolutions: %s (model.conv_backend %r)", ops.describe(), config.model.conv_backend)
+  logging.info(
+    "convolutions: %s (model.conv_backend %r)", ops.describe(), config.model.conv_backend
+  )
   tx = make_optimizer(t.learning_rate)
   init_fn = functools.partial(create_state, model=model, tx=tx, image_shape=(*image_size, 1))
   rng = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(init_fn, rng)
   state_sh = sharding.state_shardings(mesh, abstract_state, fsdp=config.mesh.fsdp)
   abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh
+  )
   model_contract = contract.make(config, image_size)
   config_dict = config.to_dict()
   checkpointing.write_run_info(workdir)
@@ -326,8 +448,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = writers.MetricWriter(workdir)
 
   # ---------------------------------------------------------------- restore
-  ckpt = checkpointing.Checkpoints(workdir, keep=t.keep_checkpoints, best_metric=t.best_metric,
-                                   best_mode=t.best_mode)
+  ckpt = checkpointing.Checkpoints(
+    workdir, keep=t.keep_checkpoints, best_metric=t.best_metric, best_mode=t.best_mode
+  )
   meta = {"best": None, "best_step": None, "since_best": 0, "stopped_early": False}
   changes = []
   restored = ckpt.restore_or_none(abstract_state)
@@ -346,8 +469,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = jax.jit(init_fn, out_shardings=state_sh)(rng)
     if t.init_checkpoint:
       variables, _ = checkpointing.restore_variables(
-          t.init_checkpoint, {"params": abstract_state.params,
-                              "batch_stats": abstract_state.batch_stats})
+        t.init_checkpoint,
+        {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats},
+      )
       state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
       logging.info("initialised weights from %s", t.init_checkpoint)
   if jax.process_index() == 0:
@@ -355,16 +479,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
 
   # ---------------------------------------------------------------- steps
-  train_fn = make_train_fn(model=model, tx=tx, loss_cfg=config.loss, mesh=mesh,
-                           state_shardings=state_sh, accum=t.grad_accum_steps)
+  train_fn = make_train_fn(
+    model=model,
+    tx=tx,
+    loss_cfg=config.loss,
+    mesh=mesh,
+    state_shardings=state_sh,
+    accum=t.grad_accum_steps,
+  )
   eval_fn = make_eval_fn(model=model, loss_cfg=config.loss, mesh=mesh, state_shardings=state_sh)
   local_eval_batch = sharding.local_batch_size(config.eval.batch_size, mesh)
 
   eval_names = input_pipeline.volume_names(eval_src)
 
   def run_eval(source, names, prefix):
-    result = evaluate(eval_fn, state, source, names, config=config, batch_sharding=batch_sh,
-                      local_eval_batch=local_eval_batch)
+    result = evaluate(
+      eval_fn,
+      state,
+      source,
+      names,
+      config=config,
+      batch_sharding=batch_sh,
+      local_eval_batch=local_eval_batch,
+    )
     scalars = metrics.summary_scalars(result, threshold=config.eval.threshold)
     writer.write_scalars(int(state.step), {f"{prefix}/{k}": v for k, v in scalars.items()})
     return result, {f"eval/{k}": v for k, v in scalars.items()}
@@ -382,8 +519,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- loop
   logging.info("training steps %d..%d (%d per epoch)", start_step, total_steps, steps_per_epoch)
-  bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=jax.process_index() != 0,
-                  desc="train", unit="step", dynamic_ncols=True)
+  bar = tqdm.tqdm(
+    total=total_steps,
+    initial=start_step,
+    disable=jax.process_index() != 0,
+    desc="train",
+    unit="step",
+    dynamic_ncols=True,
+  )
   try:
     last_eval: dict[str, Any] = {}
     t0, images = time.perf_counter(), 0
@@ -396,9 +539,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       if not m["finite"]:
         raise FloatingPointError(
-            f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, grad_norm="
-            f"{float(m['grad_norm'])}); nothing of this step was saved, the last checkpoint in "
-            f"{workdir}/checkpoints is intact")
+          f"non-finite loss or gradient at step {step} (loss={float(m['loss'])}, grad_norm="
+          f"{float(m['grad_norm'])}); nothing of this step was saved, the last checkpoint in "
+          f"{workdir}/checkpoints is intact"
+        )
       images += t.global_batch_size
       bar.update(1)
       if step % t.log_every_steps == 0 or step == total_steps:
@@ -416,38 +560,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if improved:
           meta["best_step"] = step
         if meta.get("lr_drop"):
-          lr = max(float(state.opt_state.hyperparams["learning_rate"]) * t.plateau_factor,
-                   t.min_learning_rate)
+          lr = max(
+            float(state.opt_state.hyperparams["learning_rate"]) * t.plateau_factor,
+            t.min_learning_rate,
+          )
           state = _set_learning_rate(state, lr, state_sh)
           logging.info("step %d: validation plateau, learning rate -> %g", step, lr)
-        bar.write(f"step {step}: " + ", ".join(
-            f"{k[5:]} {v:.4f}" for k, v in last_eval.items()
-            if k in ("eval/loss", "eval/dice", "eval/iou", "eval/average_precision")))
+        bar.write(
+          f"step {step}: "
+          + ", ".join(
+            f"{k[5:]} {v:.4f}"
+            for k, v in last_eval.items()
+            if k in ("eval/loss", "eval/dice", "eval/iou", "eval/average_precision")
+          )
+        )
         save(step)  # latest first, then best: the order `Checkpoints` repairs after a kill
         if improved:
-          ckpt.save_best(step, state, train_iter.get_state(), saved_meta(),
-                         last_eval[t.best_metric])
+          ckpt.save_best(
+            step, state, train_iter.get_state(), saved_meta(), last_eval[t.best_metric]
+          )
       elif step % t.checkpoint_every_steps == 0:
         save(step)
     if step == stop_at and step < total_steps:
       save(step)
-      logging.info("stopped after %d steps of this run at step %d (stop_after_steps)",
-                   t.stop_after_steps, step)
+      logging.info(
+        "stopped after %d steps of this run at step %d (stop_after_steps)", t.stop_after_steps, step
+      )
 
     # ---------------------------------------------------------------- final test
     final = {k: float(v) for k, v in last_eval.items()}
     finished = step >= total_steps or meta["stopped_early"]
     if finished and config.data.test_split:
-      test_src = input_pipeline.load_split(data_dir, config.data.builder_config,
-                                           config.data.test_split)
+      test_src = input_pipeline.load_split(
+        data_dir, config.data.builder_config, config.data.test_split
+      )
       result, _ = run_eval(test_src, input_pipeline.volume_names(test_src), "test")
       result.pop("overlays")
-      final.update({f"test/{k}": v for k, v in
-                    metrics.summary_scalars(result, threshold=config.eval.threshold).items()})
+      final.update(
+        {
+          f"test/{k}": v
+          for k, v in metrics.summary_scalars(result, threshold=config.eval.threshold).items()
+        }
+      )
       # What a constant prediction scores: all-lesion gives Dice 2P / (P + N), all-background 0.
       positives = float(result["tp"][0] + result["fn"][0])
-      final["test/dice_constant_baseline"] = 2 * positives / (
-          positives + float(result["num_pixels"]))
+      final["test/dice_constant_baseline"] = (
+        2 * positives / (positives + float(result["num_pixels"]))
+      )
       if jax.process_index() == 0:
         atomic.write_json(os.path.join(workdir, "test_metrics.json"), metrics.to_jsonable(result))
     final["param_fingerprint"] = param_fingerprint(state.params)
@@ -468,16 +627,19 @@ def param_fingerprint(params) -> float:
   """
   total = 0.0
   for i, leaf in enumerate(jax.tree.leaves(params)):
-    local = np.concatenate([np.ravel(s.data) for s in leaf.addressable_shards
-                            if s.replica_id == 0] or [np.ravel(leaf.addressable_data(0))])
+    local = np.concatenate(
+      [np.ravel(s.data) for s in leaf.addressable_shards if s.replica_id == 0]
+      or [np.ravel(leaf.addressable_data(0))]
+    )
     total += float(np.sum(np.abs(local.astype(np.float64)))) * (1 + i)
   return total
 
 
 def _update_plateau(meta: dict, value: float, t: ml_collections.ConfigDict) -> bool:
   """Reduce-on-plateau and early-stopping bookkeeping (host side, checkpointed in `meta`)."""
-  better = meta["best"] is None or (value < meta["best"] if t.best_mode == "min"
-                                    else value > meta["best"])
+  better = meta["best"] is None or (
+    value < meta["best"] if t.best_mode == "min" else value > meta["best"]
+  )
   meta["lr_drop"] = False
   if better:
     meta["best"], meta["since_best"] = float(value), 0

@@ -64,8 +64,9 @@ class Orientation:
     dst = nib.orientations.axcodes2ornt(STORAGE_AXCODES)
     fwd = nib.orientations.ornt_transform(src, dst)
     storage_affine = affine @ nib.orientations.inv_ornt_aff(fwd, shape)
-    return cls(tuple(int(s) for s in shape), fwd, nib.orientations.ornt_transform(dst, src),
-               storage_affine)
+    return cls(
+      tuple(int(s) for s in shape), fwd, nib.orientations.ornt_transform(dst, src), storage_affine
+    )
 
   def to_display(self, data: np.ndarray) -> np.ndarray:
     """(input shape) -> (rows, cols, slices) display orientation; slice 0 most inferior."""
@@ -103,16 +104,18 @@ def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
   image = np.asarray(image, np.float32)
   if tuple(image.shape) == tuple(size):
     return image
-  return skimage.transform.resize(image, tuple(size), order=1, anti_aliasing=True,
-                                  preserve_range=True).astype(np.float32)
+  return skimage.transform.resize(
+    image, tuple(size), order=1, anti_aliasing=True, preserve_range=True
+  ).astype(np.float32)
 
 
 def resize_labels(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
   """(H, W) integer labels -> (h, w) uint8, nearest neighbour (blending would mix label values)."""
   if tuple(labels.shape) == tuple(size):
     return np.asarray(labels, np.uint8)
-  return skimage.transform.resize(labels, tuple(size), order=0, anti_aliasing=False,
-                                  preserve_range=True).astype(np.uint8)
+  return skimage.transform.resize(
+    labels, tuple(size), order=0, anti_aliasing=False, preserve_range=True
+  ).astype(np.uint8)
 
 
 def resize_back(probs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

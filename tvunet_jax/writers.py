@@ -22,6 +22,7 @@ class MetricWriter:
     self._writer = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
@@ -31,15 +32,25 @@ class MetricWriter:
       self._writer.add_scalar(k, float(v), step)
     self._writer.flush()
     # Every scalar is in TensorBoard; the console shows them at --verbosity=1.
-    logging.vlog(1, "step %d: %s", step, ", ".join(f"{k}={float(v):.5g}" for k, v in scalars.items()))
+    logging.vlog(
+      1, "step %d: %s", step, ", ".join(f"{k}={float(v):.5g}" for k, v in scalars.items())
+    )
 
-  def write_overlays(self, step: int, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                     *, threshold: float = 0.5) -> None:
+  def write_overlays(
+    self,
+    step: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    *,
+    threshold: float = 0.5,
+  ) -> None:
     """images (N, H, W) in HU or [0, 1]; labels, probs (N, H, W). One RGB panel row per slice."""
     if self._writer is None or images is None or len(images) == 0:
       return
-    self._writer.add_image("eval/overlay", overlay_panels(images, labels, probs, threshold),
-                           step, dataformats="HWC")
+    self._writer.add_image(
+      "eval/overlay", overlay_panels(images, labels, probs, threshold), step, dataformats="HWC"
+    )
     self._writer.flush()
 
   def close(self) -> None:
@@ -55,8 +66,9 @@ def to_window(images: np.ndarray) -> np.ndarray:
   return images
 
 
-def overlay_panels(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                   threshold: float) -> np.ndarray:
+def overlay_panels(
+  images: np.ndarray, labels: np.ndarray, probs: np.ndarray, threshold: float
+) -> np.ndarray:
   """(N, H, W) each -> (N*H, 3*W, 3) uint8: CT | truth in green | prediction in red."""
   ct = to_window(images)
   gray = np.repeat(ct[..., None], 3, axis=-1)
@@ -71,5 +83,6 @@ def overlay_panels(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
 def save_figure(fig, path: str) -> None:
   """Saves a matplotlib figure as a PNG, atomically (`atomic.replacing`)."""
   from tvunet_jax import atomic  # pylint: disable=g-import-not-at-top
+
   with atomic.replacing(path, suffix=".png") as tmp:
     fig.savefig(tmp, dpi=100, format="png")

@@ -23,7 +23,9 @@ def get_config():
   c.data.augment.shift_px = 0.0
   c.data.augment.hu_jitter = 0.0
   c.model.base = 64
-  c.model.num_outputs = 2  # the authors' head: sigmoid (background, ground-glass), Keras BCE on both
+  c.model.num_outputs = (
+    2  # the authors' head: sigmoid (background, ground-glass), Keras BCE on both
+  )
   c.model.bn_momentum = 0.99  # Keras' default, as the authors
   c.loss.tv_weight = 2.4e-7
   c.loss.tv_reduction = "mean"

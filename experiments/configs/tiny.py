@@ -1,6 +1,6 @@
 """Tiny config for tests: a few-kilobyte phantom and a 4-channel U-Net; seconds on a CPU.
 
-  python -m tvunet_jax.main --config experiments/configs/tiny.py --workdir /tmp/tiny
+python -m tvunet_jax.main --config experiments/configs/tiny.py --workdir /tmp/tiny
 """
 
 from experiments.configs import default

@@ -1,6 +1,7 @@
 """The plain U-Net baseline: the paper protocol with the TV term off (tv_weight = 0).
 
-  python -m tvunet_jax.main --config experiments/configs/unet_baseline.py --workdir runs/paper_unet \
+  python -m tvunet_jax.main --config experiments/configs/unet_baseline.py \
+      --workdir runs/paper_unet \
       --config.data.manual_dir=/path/to/medseg --config.data.generate_phantom=false
 """
 

@@ -118,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {
       "command": "python -m experiments.reproduce " + " ".join(argv),
       "commit": commit(),
-      "conv_backend": f"default 'auto' -> {conv.choose('auto').describe()}; runs: {', '.join(backends)}",
+      "conv_backend": (
+        f"default 'auto' -> {conv.choose('auto').describe()}; runs: {', '.join(backends)}"
+      ),
       "machine": machine(),
       "wall_seconds": time.time() - start,
       "run_seconds": sum(float(r.get("seconds") or 0.0) for r in records),

@@ -10,15 +10,19 @@ import shutil
 
 import tensorflow_datasets as tfds
 
-from tfds_builder.covid19_ct_seg.covid19_ct_seg_dataset_builder import Builder
-from tfds_builder.covid19_ct_seg.covid19_ct_seg_dataset_builder import Covid19CtSegConfig
-from tfds_builder.covid19_ct_seg.covid19_ct_seg_dataset_builder import SplitSpec
+from tfds_builder.covid19_ct_seg.covid19_ct_seg_dataset_builder import (
+  Builder,
+  Covid19CtSegConfig,
+  SplitSpec,
+)
 
 NAME = "covid19_ct_seg"
+__all__ = ["NAME", "Builder", "Covid19CtSegConfig", "SplitSpec", "build"]
 
 
-def build(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
-          config: str = "paper_128") -> Builder:
+def build(
+  manual_dir: str | os.PathLike, data_dir: str | os.PathLike, config: str = "paper_128"
+) -> Builder:
   """Prepares `covid19_ct_seg/<config>` in `data_dir` from the MedSeg layout in `manual_dir`.
 
   Writes array_record shards (readable by `tfds.data_source` and grain without TensorFlow). TFDS
@@ -33,5 +37,6 @@ def build(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
       if name.startswith("incomplete."):
         shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+  )
   return builder

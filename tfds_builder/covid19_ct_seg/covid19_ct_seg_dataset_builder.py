@@ -23,24 +23,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tvunet_jax import nifti_io
-from tvunet_jax import volumes
+from tvunet_jax import nifti_io, volumes
 
 # The raw file names (one definition, shared with the phantom writer). TR_LUNG is optional.
 TR_IMAGE, TR_MASK, TR_LUNG = nifti_io.TR_IMAGE, nifti_io.TR_MASK, nifti_io.TR_LUNG
-RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = (nifti_io.RP_IMAGE_DIR, nifti_io.RP_MASK_DIR,
-                                          nifti_io.RP_LUNG_DIR)
+RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR = (
+  nifti_io.RP_IMAGE_DIR,
+  nifti_io.RP_MASK_DIR,
+  nifti_io.RP_LUNG_DIR,
+)
 NUM_LABELS = 4  # 0 background, 1 ground-glass, 2 consolidation, 3 pleural effusion
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitSpec:
   """Which raw volumes go to which split. `tr` means every slice of tr_im.nii.gz."""
+
   train: tuple[str, ...] = ("tr", "rp1", "rp2", "rp3", "rp4", "rp5")
   validation: tuple[str, ...] = ("rp6",)
   test: tuple[str, ...] = ("rp7", "rp8", "rp9")
@@ -52,6 +55,7 @@ class SplitSpec:
 @dataclasses.dataclass
 class Covid19CtSegConfig(tfds.core.BuilderConfig):
   """image_size: (H, W) to resize to, or None for native; image_dtype: float32 or int16 HU."""
+
   image_size: tuple[int, int] | None = (128, 128)
   image_dtype: str = "float32"
   splits: SplitSpec = dataclasses.field(default_factory=SplitSpec)
@@ -62,9 +66,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
-      "1.0.0": "Initial release: paper_128 and native configs, volume-wise train/validation/test.",
-      "1.1.0": "Volumes oriented by their affine (the rule predict uses) instead of always by "
-               "MedSeg's storage rotation; same examples for files stored as MedSeg does.",
+    "1.0.0": "Initial release: paper_128 and native configs, volume-wise train/validation/test.",
+    "1.1.0": "Volumes oriented by their affine (the rule predict uses) instead of always by "
+    "MedSeg's storage rotation; same examples for files stored as MedSeg does.",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download the MedSeg "COVID-19 CT segmentation dataset" (http://medicalsegmentation.com/covid19/,
@@ -77,12 +81,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   layout.
   """
   BUILDER_CONFIGS = [
-      Covid19CtSegConfig(
-          name="paper_128", description="128x128 slices, float32 HU (the authors' protocol).",
-          image_size=(128, 128), image_dtype="float32"),
-      Covid19CtSegConfig(
-          name="native", description="Native-resolution slices, int16 HU, multi-class labels.",
-          image_size=None, image_dtype="int16"),
+    Covid19CtSegConfig(
+      name="paper_128",
+      description="128x128 slices, float32 HU (the authors' protocol).",
+      image_size=(128, 128),
+      image_dtype="float32",
+    ),
+    Covid19CtSegConfig(
+      name="native",
+      description="Native-resolution slices, int16 HU, multi-class labels.",
+      image_size=None,
+      image_dtype="int16",
+    ),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -90,20 +100,32 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     hw = tuple(cfg.image_size) if cfg.image_size else (None, None)
     # zlib-encoded Tensor features: PNG `Image` features would need TensorFlow to encode.
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=hw, dtype=np.dtype(cfg.image_dtype),
-                                          encoding="zlib", doc="HU, display orientation"),
-            "mask": tfds.features.Tensor(shape=hw, dtype=np.uint8, encoding="zlib",
-                                         doc="0 bg, 1 ground-glass, 2 consolidation, 3 effusion"),
-            "lung_mask": tfds.features.Tensor(shape=hw, dtype=np.uint8, encoding="zlib",
-                                              doc="0 outside, 1 right, 2 left lung"),
-            "has_lung_mask": tfds.features.Scalar(dtype=np.bool_),
-            "volume_id": tfds.features.Text(doc="'tr_<slice>' or 'rp<n>': the patient unit"),
-            "slice_index": tfds.features.Scalar(dtype=np.int32),
-            "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32,
-                                            doc="row, column, slice spacing in mm after resizing"),
-        }),
-        homepage="http://medicalsegmentation.com/covid19/",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(
+            shape=hw,
+            dtype=np.dtype(cfg.image_dtype),
+            encoding="zlib",
+            doc="HU, display orientation",
+          ),
+          "mask": tfds.features.Tensor(
+            shape=hw,
+            dtype=np.uint8,
+            encoding="zlib",
+            doc="0 bg, 1 ground-glass, 2 consolidation, 3 effusion",
+          ),
+          "lung_mask": tfds.features.Tensor(
+            shape=hw, dtype=np.uint8, encoding="zlib", doc="0 outside, 1 right, 2 left lung"
+          ),
+          "has_lung_mask": tfds.features.Scalar(dtype=np.bool_),
+          "volume_id": tfds.features.Text(doc="'tr_<slice>' or 'rp<n>': the patient unit"),
+          "slice_index": tfds.features.Scalar(dtype=np.int32),
+          "spacing": tfds.features.Tensor(
+            shape=(3,), dtype=np.float32, doc="row, column, slice spacing in mm after resizing"
+          ),
+        }
+      ),
+      homepage="http://medicalsegmentation.com/covid19/",
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -120,8 +142,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 
 def _rp_paths(manual_dir: str, n: str) -> tuple[str, str, str]:
-  return tuple(os.path.join(manual_dir, d, f"{n}.nii.gz")
-               for d in (RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR))
+  return tuple(
+    os.path.join(manual_dir, d, f"{n}.nii.gz") for d in (RP_IMAGE_DIR, RP_MASK_DIR, RP_LUNG_DIR)
+  )
 
 
 def check_layout(manual_dir: str, units: list[str]) -> None:
@@ -138,8 +161,10 @@ def check_layout(manual_dir: str, units: list[str]) -> None:
       raise ValueError(f"unknown volume unit {unit!r} in split spec")
   missing = [p for p in needed if not os.path.exists(p)]
   if missing:
-    raise nifti_io.VolumeError(f"{missing[0]}: file not found ({len(missing)} missing in "
-                               f"{manual_dir}; see MANUAL_DOWNLOAD_INSTRUCTIONS)")
+    raise nifti_io.VolumeError(
+      f"{missing[0]}: file not found ({len(missing)} missing in "
+      f"{manual_dir}; see MANUAL_DOWNLOAD_INSTRUCTIONS)"
+    )
 
 
 def _load_triplet(img_path: str, mask_path: str, lung_path: str | None):
@@ -149,7 +174,8 @@ def _load_triplet(img_path: str, mask_path: str, lung_path: str | None):
   mask = nifti_io.load_volume(mask_path, dtype=np.uint8)
   if mask.data.shape != img.data.shape:
     raise nifti_io.VolumeError(
-        f"{mask_path}: mask shape {mask.data.shape} differs from image shape {img.data.shape}")
+      f"{mask_path}: mask shape {mask.data.shape} differs from image shape {img.data.shape}"
+    )
   if mask.data.max(initial=0) >= NUM_LABELS:
     raise nifti_io.VolumeError(f"{mask_path}: label {int(mask.data.max())} outside 0..3")
   ori = volumes.Orientation.of(img.affine, img.data.shape)
@@ -158,10 +184,10 @@ def _load_triplet(img_path: str, mask_path: str, lung_path: str | None):
     lung = nifti_io.load_volume(lung_path, dtype=np.uint8).data
     if lung.shape != img.data.shape:
       raise nifti_io.VolumeError(
-          f"{lung_path}: lung mask shape {lung.shape} differs from image shape {img.data.shape}")
+        f"{lung_path}: lung mask shape {lung.shape} differs from image shape {img.data.shape}"
+      )
     lung = ori.to_display(lung)
-  return (ori.to_display(img.data), ori.to_display(mask.data), lung,
-          ori.display_spacing_mm())
+  return (ori.to_display(img.data), ori.to_display(mask.data), lung, ori.display_spacing_mm())
 
 
 def iter_slices(manual_dir: str, unit: str) -> Iterator[tuple[str, dict]]:
@@ -172,14 +198,17 @@ def iter_slices(manual_dir: str, unit: str) -> Iterator[tuple[str, dict]]:
   if unit == "tr":
     lung_path = os.path.join(manual_dir, TR_LUNG)
     img, mask, lung, spacing = _load_triplet(
-        os.path.join(manual_dir, TR_IMAGE), os.path.join(manual_dir, TR_MASK), lung_path)
+      os.path.join(manual_dir, TR_IMAGE), os.path.join(manual_dir, TR_MASK), lung_path
+    )
     ids = [f"tr_{z:03d}" for z in range(img.shape[2])]  # every tr slice is its own patient
   else:
     img, mask, lung, spacing = _load_triplet(*_rp_paths(manual_dir, unit[2:]))
     ids = [unit] * img.shape[2]
   spacing = np.array(spacing, np.float32)
   for z in range(img.shape[2]):
-    yield f"{ids[z]}_{z:04d}", {
+    yield (
+      f"{ids[z]}_{z:04d}",
+      {
         "image": img[:, :, z],
         "mask": mask[:, :, z],
         "lung_mask": lung[:, :, z] if lung is not None else np.zeros(img.shape[:2], np.uint8),
@@ -187,7 +216,8 @@ def iter_slices(manual_dir: str, unit: str) -> Iterator[tuple[str, dict]]:
         "volume_id": ids[z],
         "slice_index": z,
         "spacing": spacing,
-    }
+      },
+    )
 
 
 def resize_example(ex: dict, size: tuple[int, int] | None, image_dtype: np.dtype) -> dict:

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tfds_builder.covid19_ct_seg import build
-from tfds_builder.covid19_ct_seg import make_dummy_data
+from tfds_builder.covid19_ct_seg import build, make_dummy_data
 from tvunet_jax import nifti_io
 
 DUMMY = os.path.join(os.path.dirname(__file__), "dummy_data")
@@ -28,8 +27,7 @@ def built(tmp_path_factory):
 
 
 def _read_all(data_dir, config, split):
-  src = tfds.data_source(f"covid19_ct_seg/{config}", split=split, data_dir=data_dir,
-                         download=False)
+  src = tfds.data_source(f"covid19_ct_seg/{config}", split=split, data_dir=data_dir, download=False)
   return [src[i] for i in range(len(src))]
 
 
@@ -38,8 +36,9 @@ def test_split_sizes_and_no_volume_leakage(built, config):
   data_dir, builders = built
   info = builders[config].info
   assert {k: v.num_examples for k, v in info.splits.items()} == EXPECTED_SPLITS
-  vols = {s: {ex["volume_id"].decode() for ex in _read_all(data_dir, config, s)}
-          for s in EXPECTED_SPLITS}
+  vols = {
+    s: {ex["volume_id"].decode() for ex in _read_all(data_dir, config, s)} for s in EXPECTED_SPLITS
+  }
   assert vols["validation"] == {"rp6"}
   assert vols["test"] == {"rp7", "rp8", "rp9"}
   assert vols["train"] == {f"tr_{z:03d}" for z in range(4)} | {f"rp{n}" for n in range(1, 6)}

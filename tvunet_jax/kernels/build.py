@@ -22,8 +22,8 @@ import sys
 import tempfile
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(_HERE, f) for f in ('onednn_conv.cc', 'winograd.cc'))
-LIBRARY = os.path.join(_HERE, '_onednn_conv.so')
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("onednn_conv.cc", "winograd.cc"))
+LIBRARY = os.path.join(_HERE, "_onednn_conv.so")
 
 
 class MissingPrerequisite(RuntimeError):
@@ -32,15 +32,18 @@ class MissingPrerequisite(RuntimeError):
 
 def onednn_root() -> str | None:
   """The prefix holding include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so.3, or None."""
-  for root in (os.environ.get('TVUNET_ONEDNN_ROOT'), sys.prefix, sys.base_prefix):
-    if (root and os.path.exists(os.path.join(root, 'include', 'oneapi', 'dnnl', 'dnnl.hpp'))
-        and os.path.exists(os.path.join(root, 'lib', 'libdnnl.so.3'))):
+  for root in (os.environ.get("TVUNET_ONEDNN_ROOT"), sys.prefix, sys.base_prefix):
+    if (
+      root
+      and os.path.exists(os.path.join(root, "include", "oneapi", "dnnl", "dnnl.hpp"))
+      and os.path.exists(os.path.join(root, "lib", "libdnnl.so.3"))
+    ):
       return root
   return None
 
 
 def compiler() -> str | None:
-  for cxx in (os.environ.get('CXX'), 'g++', 'c++'):
+  for cxx in (os.environ.get("CXX"), "g++", "c++"):
     if cxx and shutil.which(cxx):
       return shutil.which(cxx)
   return None
@@ -52,27 +55,45 @@ def build(out: str = LIBRARY) -> str:
 
   root, cxx = onednn_root(), compiler()
   if root is None:
-    raise MissingPrerequisite("oneDNN not found: run `pip install -e '.[onednn]'` (or set "
-                       'TVUNET_ONEDNN_ROOT to a prefix with include/oneapi/dnnl and lib/libdnnl.so.3)')
+    raise MissingPrerequisite(
+      "oneDNN not found: run `pip install -e '.[onednn]'` (or set "
+      "TVUNET_ONEDNN_ROOT to a prefix with include/oneapi/dnnl and lib/libdnnl.so.3)"
+    )
   if cxx is None:
-    raise MissingPrerequisite('no C++ compiler found (set $CXX, or install g++)')
-  lib = os.path.join(root, 'lib')
+    raise MissingPrerequisite("no C++ compiler found (set $CXX, or install g++)")
+  lib = os.path.join(root, "lib")
   try:
-    fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(out))
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
   except OSError as e:
-    raise RuntimeError(f'{out}: cannot write there ({e.strerror}); pass --out') from None
+    raise RuntimeError(f"{out}: cannot write there ({e.strerror}); pass --out") from None
   os.close(fd)
   # -march=native: the library is built on the machine that runs it, and the Winograd
   # transforms are plain loops the compiler vectorises for the widest registers there (AVX2,
   # AVX-512). -fopenmp: they run on the same OpenMP pool (libgomp) as oneDNN.
-  cmd = [cxx, '-std=c++17', '-O3', '-march=native', '-fopenmp', '-fPIC', '-shared', *SOURCES,
-         '-o', tmp,
-         '-I', jax.ffi.include_dir(), '-I', os.path.join(root, 'include'),
-         '-L', lib, '-l:libdnnl.so.3', f'-Wl,-rpath,{lib}']
+  cmd = [
+    cxx,
+    "-std=c++17",
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    *SOURCES,
+    "-o",
+    tmp,
+    "-I",
+    jax.ffi.include_dir(),
+    "-I",
+    os.path.join(root, "include"),
+    "-L",
+    lib,
+    "-l:libdnnl.so.3",
+    f"-Wl,-rpath,{lib}",
+  ]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-      raise RuntimeError(f'{" ".join(SOURCES)}: compilation failed:\n{proc.stderr.strip()}')
+      raise RuntimeError(f"{' '.join(SOURCES)}: compilation failed:\n{proc.stderr.strip()}")
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
@@ -81,22 +102,25 @@ def build(out: str = LIBRARY) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-  parser.add_argument('--out', default=LIBRARY)
-  parser.add_argument('--optional', action='store_true',
-                      help='exit 0 with a message when oneDNN or a compiler is missing')
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--out", default=LIBRARY)
+  parser.add_argument(
+    "--optional",
+    action="store_true",
+    help="exit 0 with a message when oneDNN or a compiler is missing",
+  )
   args = parser.parse_args(argv)
   try:
     path = build(args.out)
   except RuntimeError as e:
-    print(f'tvunet_jax.kernels.build: {e}', file=sys.stderr)
+    print(f"tvunet_jax.kernels.build: {e}", file=sys.stderr)
     if args.optional and isinstance(e, MissingPrerequisite):
-      print('tvunet_jax.kernels.build: continuing with XLA convolutions', file=sys.stderr)
+      print("tvunet_jax.kernels.build: continuing with XLA convolutions", file=sys.stderr)
       return 0
     return 1
-  print(f'tvunet_jax.kernels.build: wrote {path}')
+  print(f"tvunet_jax.kernels.build: wrote {path}")
   return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   sys.exit(main())

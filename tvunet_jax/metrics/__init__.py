@@ -28,7 +28,8 @@ Modules, each with its conventions in its docstring:
   counts        confusion counts -> ratios; the paper's table; the authors' `paper_miou`
   curves        score histograms, PR curve, average precision
   components    per-slice connected components
-  lesionwise    3D lesion matching: lesion-wise Dice and HD95 (BraTS 2023), FP / FN volumes (autoPET)
+  lesionwise    3D lesion matching: lesion-wise Dice and HD95 (BraTS 2023), FP / FN volumes
+                (autoPET)
   accumulator   per-batch sums (`batch_stats`) and `SegmentationAccumulator`
   report        `summary_scalars` for logging, `to_jsonable` for JSON
 """

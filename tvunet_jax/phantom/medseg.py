@@ -35,7 +35,8 @@ from tvunet_jax import atomic, nifti_io, volumes
 from tvunet_jax.phantom.generate import _check_size, _simulate_slice, _simulate_volume
 
 # The storage rotation lives in volumes (the one orientation rule every reader uses); re-exported
-# here so the writer and its readers cannot disagree. For (X, Y, Z) stored / (rows, cols, Z) display:
+# here so the writer and its readers cannot disagree. For (X, Y, Z) stored / (rows, cols, Z)
+# display:
 #   display = np.rot90(stored, k=STORAGE_ROT90_K, axes=(0, 1))
 STORAGE_ROT90_K = volumes.STORAGE_ROT90_K
 to_storage = volumes.to_storage
