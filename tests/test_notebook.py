@@ -46,3 +46,6 @@ def test_notebook_runs_on_cpu_with_tiny_config(tiny_data, tmp_path):
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert "Summary at the operating threshold" in proc.stdout
   assert "pr_curve.png" in proc.stdout and "overlays.png" in proc.stdout
+  # the export cell: both formats with the contract, and predict from the export alone
+  assert "'model.onnx'" in proc.stdout and "'model.stablehlo'" in proc.stdout
+  assert "'model_contract.json'" in proc.stdout and "'1_mask.nii.gz'" in proc.stdout
