@@ -467,3 +467,33 @@ def test_one_bad_volume_does_not_stop_the_others(trained, tiny_data, tmp_path, c
   assert rc == 2
   assert sorted(os.listdir(out)) == ["9_mask.nii.gz", "9_report.json"]
   assert "nan.nii.gz" in capsys.readouterr().err
+
+
+def test_a_failing_series_writes_nothing_and_the_others_finish(trained, tmp_path, capsys):
+  """`--series all` on a folder with a good series and one whose spacing varies: exit 2, the bad
+  series named on one line and nothing written for it, the good one's outputs complete."""
+  pytest.importorskip("highdicom")
+  from tests import dicom_series  # pylint: disable=g-import-not-at-top
+
+  hu = dicom_series.phantom_hu()
+  folder = str(tmp_path / "study")
+  good = dicom_series.write_series(folder, hu, seed=0)
+  bad = dicom_series.write_series(
+    folder, hu, seed=1, study_uid=good.study_uid, series_number=4, defect="spacing_varies"
+  )
+  out = tmp_path / "out"
+  rc = predict.main(
+    ["--checkpoint", trained, folder, "--series", "all", "--out", str(out), "--no_progress"]
+  )
+  err = capsys.readouterr().err
+  assert rc == 2
+  [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+  assert f"series {bad.series_uid}" in line and "spacing varies" in line
+  stems = {f.split("_mask")[0] for f in os.listdir(out) if f.endswith("_mask.nii.gz")}
+  assert len(stems) == 1
+  [stem] = stems
+  assert sorted(os.listdir(out)) == sorted(
+    f"{stem}{suffix}" for suffix in ("_mask.nii.gz", "_report.json", "_seg.dcm")
+  )
+  with open(os.path.join(out, f"{stem}_report.json")) as f:
+    assert good.series_uid in f.read()
