@@ -497,3 +497,46 @@ def test_a_failing_series_writes_nothing_and_the_others_finish(trained, tmp_path
   )
   with open(os.path.join(out, f"{stem}_report.json")) as f:
     assert good.series_uid in f.read()
+
+
+def test_a_checkpoint_of_the_first_design_predicts_the_same(tmp_path):
+  """A tiny run trained and applied by main at 657f02a, before the redesign
+  (tests/fixtures/run_657f02a/README.md): today's code restores its checkpoint and predicts the
+  same probabilities, mask and report numbers on the same volume."""
+  fixture = os.path.join(os.path.dirname(__file__), "fixtures", "run_657f02a")
+  workdir = tmp_path / "run"
+  shutil.copytree(fixture, workdir)  # the fixture itself stays untouched
+  out = tmp_path / "out"
+  rc = predict.main(
+    [
+      "--checkpoint",
+      str(workdir),
+      str(workdir / "volume.nii.gz"),
+      "--out",
+      str(out),
+      "--probabilities",
+      "--no_progress",
+    ]
+  )
+  assert rc == 0
+  got = nib.load(out / "volume_probs.nii.gz").get_fdata(dtype=np.float32)
+  want = nib.load(os.path.join(fixture, "expected_probs.nii.gz")).get_fdata(dtype=np.float32)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_array_equal(
+    np.asarray(nib.load(out / "volume_mask.nii.gz").dataobj),
+    np.asarray(nib.load(os.path.join(fixture, "expected_mask.nii.gz")).dataobj),
+  )
+  with open(out / "volume_report.json") as f:
+    report = json.load(f)
+  with open(os.path.join(fixture, "expected_report.json")) as f:
+    expected = json.load(f)
+  for k in (
+    "lesion_voxels",
+    "num_lesions",
+    "lesion_volume_ml",
+    "percent_lung_involved",
+    "shape",
+    "axcodes",
+    "threshold",
+  ):
+    assert report[k] == pytest.approx(expected[k]), k

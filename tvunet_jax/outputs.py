@@ -2,7 +2,7 @@
 and (for a DICOM series) the DICOM Segmentation, under names unique within a run.
 
 `Segmentation` is what `predict.segment_volume` produces (in the input's voxel order);
-`write_outputs` writes it (`<stem>_mask.nii.gz`, `_probabilities.nii.gz`, `_report.json`,
+`write_outputs` writes it (`<stem>_mask.nii.gz`, `_probs.nii.gz`, `_report.json`,
 `_overlay.png`, `_seg.dcm`), each file whole or not at all (`atomic`), a NIfTI output with its
 input's header. `output_stems` makes colliding stems unique; `check_no_foreign_outputs` refuses an
 output folder holding another input's outputs before anything is written. `volume_report` is the
