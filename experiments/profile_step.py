@@ -12,8 +12,8 @@ percentages are of the summed thunk time; on a 2-core machine XLA runs at most a
 at once, so the sum is close to the wall time printed beside it. This is the measurement behind
 the "where the time goes" paragraphs of `experiments/README.md`; it is a diagnostic, not a
 benchmark (use `python -m experiments.benchmark` for speed claims). The train step is the
-benchmark's own (`experiments.benchmark.steps.JaxTrainStep`: `train.make_train_fn`); only that
-module of the benchmark is imported.
+benchmark's own (`experiments.benchmark.steps.JaxTrainStep`: `tvunet_jax.steps.make_train_fn`);
+only that module of the benchmark is imported.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = p.parse_args(argv)
 
   if args.mode == "train":
-    # exactly the benchmark's step: train.make_train_fn (shardings, donation, the mesh), the
-    # benchmark's loss, a fixed random batch
+    # exactly the benchmark's step: tvunet_jax.steps.make_train_fn (shardings, donation, the
+    # mesh), the benchmark's loss, a fixed random batch
     step = steps.JaxTrainStep(args.model, args.batch, args.dtype)
     hlo, call = step.compiled_text(), step
   else:

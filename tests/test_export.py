@@ -173,6 +173,31 @@ def test_output_channel_and_max_pool(tmp_path):
     _one_line_error(e, "run7", "output_channel")
 
 
+def test_bfloat16_model_exports_a_valid_onnx_graph(run, reference, tmp_path):
+  """A model that computes in bfloat16 (the TPU config's) exports an ONNX graph ONNX Runtime
+  loads, computing in float32 (ONNX's Conv takes no bfloat16): the float32 reference's numbers;
+  its StableHLO keeps bfloat16 (within bf16 rounding of them). The card says which is which."""
+  import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+
+  bf16_run = _copy(run, tmp_path, "bf16_run")
+  _edit_run_contract(bf16_run, lambda c: {**c, "model": {**c["model"], "dtype": "bfloat16"}})
+  out = str(tmp_path / "bf16_export")
+  card = export.export_model(bf16_run, out, batch=None)
+  assert card["compute_dtype"] == {"onnx": "float32", "stablehlo": "bfloat16"}
+  with open(os.path.join(out, export.CONTRACT_FILE)) as f:
+    assert json.load(f)["compute_dtype"] == card["compute_dtype"]
+  x, want = reference
+  session = ort.InferenceSession(
+    os.path.join(out, export.ONNX_FILE), providers=["CPUExecutionProvider"]
+  )
+  got = session.run(None, {export.INPUT_NAME: x[..., None]})[0]
+  np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+  with open(os.path.join(out, export.STABLEHLO_FILE), "rb") as f:
+    module = jax.export.deserialize(bytearray(f.read()))
+  got_bf16 = np.asarray(module.call(x[..., None]))
+  assert 0 < np.abs(got_bf16 - want).max() < 0.1  # bf16 compute: close, not equal
+
+
 # ----------------------------------------------------------------------------- the folder
 
 

@@ -43,7 +43,7 @@ from jax import lax
 
 from experiments.configs import tiny
 from tests.conftest import random_variables
-from tvunet_jax import layers, models, sharding, train
+from tvunet_jax import layers, models, sharding, steps
 from tvunet_jax.kernels import conv, custom_calls, library
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -678,7 +678,7 @@ def _batch_dims(hlo):
 
 @needs_onednn
 def test_sharded_train_step_matches_one_device():
-  """A jitted `train.train_step` with conv_backend='onednn' on 8 fake devices (under
+  """A jitted `steps.train_step` with conv_backend='onednn' on 8 fake devices (under
   `sharding.under_mesh`) equals the same step on 1 device, and runs the kernels per shard.
 
   As tests/test_train.py does for 1 vs 8 devices, dropout stays on (its 'rbg' masks do not depend
@@ -702,12 +702,12 @@ def test_sharded_train_step_matches_one_device():
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
   variables = random_variables(model, (1, 16, 16, 1))
   params = variables["params"]
-  state = train.TrainState(
+  state = steps.TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=variables["batch_stats"],
     opt_state=tx.init(params),
-    rng=jax.random.key_data(jax.random.key(0, impl=train.DROPOUT_RNG_IMPL)),
+    rng=jax.random.key_data(jax.random.key(0, impl=steps.DROPOUT_RNG_IMPL)),
   )
   rng = np.random.default_rng(0)
   batch = {
@@ -725,7 +725,7 @@ def test_sharded_train_step_matches_one_device():
     state_sh = sharding.state_shardings(mesh, state)
     batch_sh = sharding.batch_sharding(mesh)
     jitted = jax.jit(
-      functools.partial(train.train_step, model=model, tx=tx, loss_cfg=cfg.loss),
+      functools.partial(steps.train_step, model=model, tx=tx, loss_cfg=cfg.loss),
       in_shardings=(state_sh, batch_sh),
     )
     s, b = jax.device_put(state, state_sh), jax.device_put(batch, batch_sh)

@@ -469,3 +469,27 @@ def test_paper_head_tiny_unet_trains():
   assert all(np.isfinite(history))
   assert history[-1] < 0.85 * history[0], history
   assert all(b < a for a, b in zip(history, history[1:])), history
+
+
+def test_matched_sum_weight_is_the_mean_loss_on_square_images():
+  """On H = W images both difference maps have H (H - 1) terms, so sum-TV = H (H - 1) mean-TV
+  and lambda / (H (H - 1)) with 'sum' is the same loss as lambda with 'mean': values and
+  gradients agree to float32 rounding (why the study runs its matched sum arms on one seed).
+  On a non-square image the two differ."""
+  rng = np.random.default_rng(7)
+  for h, w, same in ((128, 128, True), (128, 96, False)):
+    logits = jnp.asarray(rng.normal(size=(3, h, w, 1)), jnp.float32)
+    labels = jnp.asarray(rng.random((3, h, w, 1)) < 0.1, jnp.float32)
+
+    def loss(lg, lb, reduction, lam):
+      return losses.total_loss(lg, lb, tv_weight=lam, tv_reduction=reduction)[0]
+
+    mean_loss, mean_grad = jax.value_and_grad(loss)(logits, labels, "mean", 0.1)
+    sum_loss, sum_grad = jax.value_and_grad(loss)(logits, labels, "sum", 0.1 / (h * (h - 1)))
+    if same:
+      assert float(sum_loss) == pytest.approx(float(mean_loss), rel=1e-6)
+      np.testing.assert_allclose(sum_grad, mean_grad, rtol=1e-4, atol=1e-9)
+    else:
+      tv_mean = float(losses.anisotropic_tv(jax.nn.sigmoid(logits), "mean"))
+      tv_sum = float(losses.anisotropic_tv(jax.nn.sigmoid(logits), "sum"))
+      assert abs(tv_sum / (h * (h - 1)) - tv_mean) > 1e-3 * tv_mean

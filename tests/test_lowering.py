@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments.configs import tpu
-from tvunet_jax import export, models, sharding, train
+from tvunet_jax import export, models, sharding, steps
 from tvunet_jax.kernels import conv, library
 
 SIZE = 32  # tiny model (base 4, depth 2) at 32x32: lowering is shape-only, seconds
@@ -44,8 +44,8 @@ def mesh(monkeypatch):
 
 
 def _lower_train_step(model, cfg, mesh, platform):
-  tx = train.make_optimizer(cfg.train.learning_rate)
-  init = functools.partial(train.create_state, model=model, tx=tx, image_shape=(SIZE, SIZE, 1))
+  tx = steps.make_optimizer(cfg.train.learning_rate)
+  init = functools.partial(steps.create_state, model=model, tx=tx, image_shape=(SIZE, SIZE, 1))
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   state_sh = sharding.state_shardings(mesh, abstract)
   abstract = jax.tree.map(
@@ -56,7 +56,7 @@ def _lower_train_step(model, cfg, mesh, platform):
     k: jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 1), jnp.float32, sharding=rows)
     for k in ("image", "label")
   }
-  train_fn = train.make_train_fn(
+  train_fn = steps.make_train_fn(
     model=model, tx=tx, loss_cfg=cfg.loss, mesh=mesh, state_shardings=state_sh
   )
   # make_train_fn returns the jitted step wrapped (functools.wraps) to run under the mesh;

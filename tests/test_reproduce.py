@@ -121,6 +121,11 @@ def test_plan_is_seed_major_with_backend_check_last():
   some = plan_lib.make_plan(arms, [0, 1, 2], backend_check_seeds=[0])
   assert [r.seed for r in some] == [0] * 4 + [1] * 3 + [2] * 3
   assert [r.seed for r in some if r.variant.conv_backend == "xla"] == [0]
+  # the matched sum arms (the mean arms' loss at 128 x 128) on the first seed only
+  fewer = plan_lib.make_plan(arms, [0, 1, 2], sum_seeds=[0])
+  sums = [(r.variant.name, r.seed) for r in fewer if r.variant.tv_reduction == "sum"]
+  assert sums == [(v.name, 0) for v in arms if v.tv_reduction == "sum"] and sums
+  assert {r.seed for r in fewer if r.variant.tv_reduction == "mean"} == {0, 1, 2}
 
 
 def test_run_config_sets_the_variant():

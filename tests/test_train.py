@@ -10,7 +10,16 @@ import numpy as np
 import optax
 import pytest
 
-from tvunet_jax import checkpointing, input_pipeline, losses, models, predict, sharding, train
+from tvunet_jax import (
+  checkpointing,
+  input_pipeline,
+  losses,
+  models,
+  predict,
+  sharding,
+  steps,
+  train,
+)
 from tvunet_jax import contract as contract_lib
 
 
@@ -48,14 +57,14 @@ def test_tiny_run_end_to_end(tiny_config, tmp_path):
 def _run_steps(cfg, mesh, batches, n_steps):
   """Losses of n_steps train steps on `mesh` over the given host batches."""
   model = models.build(cfg.model)
-  tx = train.make_optimizer(cfg.train.learning_rate)
-  init = functools.partial(train.create_state, model=model, tx=tx, image_shape=(128, 128, 1))
+  tx = steps.make_optimizer(cfg.train.learning_rate)
+  init = functools.partial(steps.create_state, model=model, tx=tx, image_shape=(128, 128, 1))
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   state_sh = sharding.state_shardings(mesh, abstract)
   batch_sh = sharding.batch_sharding(mesh)
   state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
   step = jax.jit(
-    functools.partial(train.train_step, model=model, tx=tx, loss_cfg=cfg.loss),
+    functools.partial(steps.train_step, model=model, tx=tx, loss_cfg=cfg.loss),
     in_shardings=(state_sh, batch_sh),
     donate_argnums=0,
   )
@@ -101,14 +110,14 @@ def test_evaluation_is_the_same_on_one_and_eight_devices(tiny_config):
   src = input_pipeline.load_split(cfg.data.data_dir, "paper_128", "test")
   names = input_pipeline.volume_names(src)
   model = models.build(cfg.model, axis_name=sharding.DATA_AXIS)
-  tx = train.make_optimizer(cfg.train.learning_rate)
-  init = functools.partial(train.create_state, model=model, tx=tx, image_shape=(128, 128, 1))
+  tx = steps.make_optimizer(cfg.train.learning_rate)
+  init = functools.partial(steps.create_state, model=model, tx=tx, image_shape=(128, 128, 1))
   results = []
   for n in (1, 8):
     mesh = sharding.make_mesh(n)
     state_sh = sharding.state_shardings(mesh, jax.eval_shape(init, jax.random.PRNGKey(0)))
     state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
-    eval_fn = train.make_eval_fn(
+    eval_fn = steps.make_eval_fn(
       model=model, loss_cfg=cfg.loss, mesh=mesh, state_shardings=state_sh
     )
     results.append(
@@ -183,13 +192,13 @@ def test_grad_accumulation_averages_micro_batch_gradients(tiny_config):
   """accum=2 applies the mean of the two micro-batches' gradients (SGD, lr 1: delta = -grad)."""
   model = models.build(tiny_config.model)
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
-  state = train.create_state(jax.random.PRNGKey(0), model=model, tx=tx, image_shape=(16, 16, 1))
+  state = steps.create_state(jax.random.PRNGKey(0), model=model, tx=tx, image_shape=(16, 16, 1))
   rng = np.random.default_rng(0)
   batch = {
     "image": rng.normal(size=(8, 16, 16, 1)).astype(np.float32),
     "label": (rng.random((8, 16, 16, 1)) > 0.7).astype(np.float32),
   }
-  step = functools.partial(train.train_step, model=model, tx=tx, loss_cfg=tiny_config.loss)
+  step = functools.partial(steps.train_step, model=model, tx=tx, loss_cfg=tiny_config.loss)
   acc_state, m_acc = jax.jit(functools.partial(step, accum=2, n_devices=1))(state, batch)
   # Each micro-batch alone, from the same state; dropout keys match fold_in(step key, i).
   deltas, micro_losses = [], []
@@ -197,7 +206,7 @@ def test_grad_accumulation_averages_micro_batch_gradients(tiny_config):
     half = jax.tree.map(lambda x, i=i: x[i * 4 : (i + 1) * 4], batch)
     key = jax.random.fold_in(
       jax.random.fold_in(
-        jax.random.wrap_key_data(state.rng, impl=train.DROPOUT_RNG_IMPL), state.step
+        jax.random.wrap_key_data(state.rng, impl=steps.DROPOUT_RNG_IMPL), state.step
       ),
       i,
     )
@@ -229,14 +238,14 @@ def test_grad_accumulation_averages_micro_batch_gradients(tiny_config):
 
 def test_non_finite_step_is_flagged_and_stops_run(tiny_config, tmp_path, monkeypatch):
   model = models.build(tiny_config.model)
-  tx = train.make_optimizer(1e-3)
-  state = train.create_state(jax.random.PRNGKey(0), model=model, tx=tx, image_shape=(16, 16, 1))
+  tx = steps.make_optimizer(1e-3)
+  state = steps.create_state(jax.random.PRNGKey(0), model=model, tx=tx, image_shape=(16, 16, 1))
   bad = {
     "image": np.full((2, 16, 16, 1), np.nan, np.float32),
     "label": np.zeros((2, 16, 16, 1), np.float32),
   }
   new, m = jax.jit(
-    functools.partial(train.train_step, model=model, tx=tx, loss_cfg=tiny_config.loss)
+    functools.partial(steps.train_step, model=model, tx=tx, loss_cfg=tiny_config.loss)
   )(state, bad)
   assert float(m["finite"]) == 0.0
 

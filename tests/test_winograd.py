@@ -185,6 +185,25 @@ def test_avx2_rule_on_the_paper_model(x_shape, w_shape, want):
   assert got == (winograd.ALL if want else winograd.NONE)
 
 
+# The AVX-512 / AMX rule on the same layers: Winograd only at 16-32 px with >= 256 channels
+# (measured on an Intel Xeon with AMX: experiments/README.md), the 8 px bottleneck's 32 tiles
+# too few.
+AVX512_LEVELS = {
+  "level1_64px_128ch": ((8, 64, 64, 128), (3, 3, 128, 128), False),
+  "level2_first_32px_128to256": ((8, 32, 32, 128), (3, 3, 128, 256), False),
+  "level2_32px_256ch": ((8, 32, 32, 256), (3, 3, 256, 256), True),
+  "level3_16px_512ch": ((8, 16, 16, 512), (3, 3, 512, 512), True),
+  "bottleneck_8px_1024ch": ((8, 8, 8, 1024), (3, 3, 1024, 1024), False),
+}
+
+
+@pytest.mark.parametrize("isa", ["avx512", "amx"])
+@pytest.mark.parametrize("x_shape,w_shape,want", AVX512_LEVELS.values(), ids=AVX512_LEVELS.keys())
+def test_avx512_rule_on_the_paper_model(isa, x_shape, w_shape, want):
+  got = winograd.choose(x_shape, w_shape, "float32", SAME, isa=isa)
+  assert got == (winograd.ALL if want else winograd.NONE)
+
+
 def test_rule_modes_and_what_never_qualifies(monkeypatch):
   big = ((8, 32, 32, 256), (3, 3, 256, 256))
   assert _wins(*big)

@@ -31,7 +31,6 @@ if __name__ == "__main__":  # run as a program: before JAX's threads exist
   host_memory.keep_freed_memory()
 
 import argparse
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -40,7 +39,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -84,34 +83,17 @@ def network_probabilities(
   return jax.nn.sigmoid(logits[..., output_channel].astype(jnp.float32))
 
 
-def xla_model(model_cfg: dict) -> models.UNet:
-  """The contract's U-Net for export: `conv_backend="xla"` (lax convolutions, no oneDNN custom
-  call), built under `xla_convolutions`, and `pool="reshape"`. The pooling switch changes the
-  gradient only (the forward pass is the same max over each 2x2 window, same parameters), and
-  jax2onnx 0.12.5 fails on `max_pool`.
+def xla_model(model_cfg: dict, dtype: str | None = None) -> models.UNet:
+  """The contract's U-Net for export: `conv.XLA` (lax convolutions: no CPU-only oneDNN custom
+  call, whatever TVUNET_CONV_BACKEND says, since a given `ConvOps` is not resolved again) and
+  `pool="reshape"`. The pooling switch changes the gradient only (the forward pass is the same max
+  over each 2x2 window, same parameters), and jax2onnx 0.12.5 fails on `max_pool`. `dtype`
+  replaces the compute dtype (ONNX's Conv takes no bfloat16: an ONNX graph computes in float32).
   """
-  with xla_convolutions():
-    return models.build({**model_cfg, "conv_backend": "xla", "pool": "reshape"})
-
-
-@contextlib.contextmanager
-def xla_convolutions() -> Iterator[None]:
-  """TVUNET_CONV_BACKEND=xla while an export's model is built and traced, restored afterwards.
-
-  `conv.resolve` lets the variable override the model's `conv_backend` field (read when the model
-  is built or when it is traced, depending on the conv module), so a shell's `onednn` or `auto`
-  would otherwise put the CPU-only oneDNN custom calls into the exported graph. Not thread-safe
-  (the environment is process-wide): exports build and trace on the calling thread only.
-  """
-  old = os.environ.get(conv.ENV_BACKEND)
-  os.environ[conv.ENV_BACKEND] = "xla"
-  try:
-    yield
-  finally:
-    if old is None:
-      os.environ.pop(conv.ENV_BACKEND, None)
-    else:
-      os.environ[conv.ENV_BACKEND] = old
+  cfg = {**model_cfg, "conv_backend": conv.XLA, "pool": "reshape"}
+  if dtype is not None:
+    cfg["dtype"] = dtype
+  return models.build(cfg)
 
 
 def custom_call_targets(mlir_text: str) -> set[str]:
@@ -138,8 +120,7 @@ def export_stablehlo(
     (batch,) = jax.export.symbolic_shape("b")
     input_shape = (batch, *input_shape[1:])
   spec = jax.ShapeDtypeStruct(input_shape, jnp.float32)
-  with xla_convolutions():
-    module = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(spec)
+  module = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(spec)
   kernels = sorted(t for t in custom_call_targets(module.mlir_module()) if t.startswith("tvunet"))
   if kernels:
     raise RuntimeError(
@@ -175,7 +156,7 @@ def export_onnx(
   shape = tuple("N" if d is None else int(d) for d in input_shape)
   # jax2onnx prints DEBUG lines on stdout and its IR library warns about untyped shape values:
   # harmless, so they are held back unless --verbosity=1.
-  with console.library_prints(QUIET_LOGGERS), xla_convolutions():
+  with console.library_prints(QUIET_LOGGERS):
     proto = jax2onnx.to_onnx(
       fn,
       [shape],
@@ -313,6 +294,11 @@ def export_model(
     fn = functools.partial(
       network_probabilities, xla_model(contract["model"]), variables, output_channel=k
     )
+    # ONNX's Conv has no bfloat16: a model trained with bf16 compute (e.g. the TPU config) is
+    # exported to ONNX computing in float32 (the parameters are float32 either way).
+    onnx_fn = functools.partial(
+      network_probabilities, xla_model(contract["model"], "float32"), variables, output_channel=k
+    )
     h, w = contract["image_size"]
     input_shape, output_shape = [batch, h, w, 1], [batch, h, w]
     export_info = {
@@ -325,6 +311,7 @@ def export_model(
       "batch": batch,
       "output_channel": k,
       "exported_output": f"probabilities (N, h, w) float32 = sigmoid(logits[..., {k}])",
+      "compute_dtype": {"onnx": "float32", "stablehlo": contract["model"]["dtype"]},
     }
     if "onnx" in formats:
       metadata = {
@@ -335,7 +322,7 @@ def export_model(
         "output_shape": json.dumps(output_shape),
         "contract": json.dumps(contract, sort_keys=True),
       }
-      data = export_onnx(fn, tuple(input_shape), metadata=metadata)
+      data = export_onnx(onnx_fn, tuple(input_shape), metadata=metadata)
       with open(os.path.join(tmp, ONNX_FILE), "wb") as f:
         f.write(data)
     if "stablehlo" in formats:
@@ -352,6 +339,7 @@ def export_model(
       "formats": formats,
       "batch": batch,
       "output_channel": k,
+      "compute_dtype": export_info["compute_dtype"],
       "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
       "stablehlo_platforms": list(PLATFORMS) if "stablehlo" in formats else None,
       "config_sha256": _file_entry(config)["sha256"] if config else None,

@@ -88,6 +88,7 @@ def under_mesh(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
 
   Custom calls (the oneDNN convolutions) are opaque to XLA's partitioner; with a context mesh they
   run per shard under `jax.shard_map` instead of on a gathered batch. Shardings are unchanged.
+  A jit function's `.lower` is kept, also under the mesh (for HLO dumps and exports).
   """
 
   @functools.wraps(fn)
@@ -95,4 +96,11 @@ def under_mesh(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
     with jax.set_mesh(mesh):
       return fn(*args, **kwargs)
 
+  if hasattr(fn, "lower"):  # a jit function: `.lower` traces under the mesh too
+
+    def lower(*args, **kwargs):
+      with jax.set_mesh(mesh):
+        return fn.lower(*args, **kwargs)
+
+    wrapped.lower = lower
   return wrapped

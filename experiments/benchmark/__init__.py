@@ -8,8 +8,8 @@ PyTorch or ONNX Runtime): two frameworks in one process slow each other down by 
 amounts (two OpenMP runtimes and two oneDNN builds spinning on the same cores). For each group
 (model, dtype, batch, kind in {train, inference}) the run has `--rounds` rounds (full: 3, quick:
 1) in alternating order (JAX then PyTorch, then PyTorch then JAX, ...). In a round the JAX side
-is the library's default path (`train.make_train_fn`; `predict.SlicePredictor` for the network
-alone) and the PyTorch side every peer variant (eager channels_last, `torch.compile`, and for
+is the library's default path (`tvunet_jax.steps.make_train_fn`; `predict.SlicePredictor` for
+the network alone) and the PyTorch side every peer variant (eager channels_last, `torch.compile`, and for
 inference a frozen TorchScript graph with BatchNorm folded), each in its own process; the
 fastest variant that ran is the round's peer. The report gives, per side, the median, min and
 max images/s and first-call (compile + warm-up) seconds, and the ratio JAX / peer as the median

@@ -410,6 +410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       "bfloat16 not measured: this CPU has no native bf16 (avx512_bf16 / amx_bf16); "
       "--dtypes float32,bfloat16 forces it (PyTorch's bf16 is emulated there)"
     )
+  if plan.ort and "bfloat16" in plan.dtypes:
+    notes.append(
+      "ONNX Runtime: float32 rows only (ONNX's Conv takes no bfloat16; an export's ONNX graph "
+      "computes in float32)"
+    )
   specs = schedule.schedule(plan)
   if args.dry_run:
     for s in specs:

@@ -3,8 +3,8 @@
 Every function here imports its framework inside, so a child imports only the one it measures
 (and `experiments/profile_step.py` can import this module without PyTorch):
 
-  * `JaxTrainStep`: the project's own jitted train step, `train.make_train_fn` on one device
-    with `train.create_state` / `train.make_optimizer`, a fixed random batch, loss BCE + TV;
+  * `JaxTrainStep`: the project's own jitted train step, `steps.make_train_fn` on one device
+    with `steps.create_state` / `steps.make_optimizer`, a fixed random batch, loss BCE + TV;
   * `jax_inference`: `predict.SlicePredictor` (the network only: host arrays in, probabilities
     out) on random slices;
   * `torch_train` / `torch_inference`: the peer network (`experiments/torch_unet.py`,
@@ -133,26 +133,26 @@ def _jax_setup() -> dict[str, Any]:
 
 
 class JaxTrainStep:
-  """The project's train step on one device: `train.make_train_fn` as training builds it.
+  """The project's train step on one device: `steps.make_train_fn` as training builds it.
 
   Each call runs one synchronised step on a fixed random batch (state donated and replaced).
   """
 
   def __init__(self, model_name: str, batch: int, dtype: str):
     jax = _jax()
-    from tvunet_jax import models, sharding, train
+    from tvunet_jax import models, sharding, steps
 
     self.config = config = model_config(model_name, dtype)
     self.model = models.build(config.model, axis_name=sharding.DATA_AXIS)
-    tx = train.make_optimizer(config.train.learning_rate)
+    tx = steps.make_optimizer(config.train.learning_rate)
     self.mesh = sharding.make_mesh(1)
     init_fn = functools.partial(
-      train.create_state, model=self.model, tx=tx, image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1)
+      steps.create_state, model=self.model, tx=tx, image_shape=(IMAGE_SIZE, IMAGE_SIZE, 1)
     )
     rng = jax.random.PRNGKey(0)
     state_sh = sharding.state_shardings(self.mesh, jax.eval_shape(init_fn, rng))
     self.state = jax.jit(init_fn, out_shardings=state_sh)(rng)
-    self.fn = train.make_train_fn(
+    self.fn = steps.make_train_fn(
       model=self.model,
       tx=tx,
       loss_cfg=bench_loss_config(config),
@@ -172,12 +172,7 @@ class JaxTrainStep:
 
   def compiled_text(self) -> str:
     """The optimized HLO of the step (traced under the mesh, as the step itself is)."""
-    import inspect
-
-    import jax
-
-    with jax.set_mesh(self.mesh):
-      return inspect.unwrap(self.fn).lower(self.state, self.data).compile().as_text()
+    return self.fn.lower(self.state, self.data).compile().as_text()
 
 
 def jax_train(spec: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +186,7 @@ def jax_train(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _init_variables(model: Any) -> Any:
   """Random variables of `model` for (1, 128, 128, 1) inputs, initialised as
-  `train.create_state` does it: threefry not partitionable, which compiles several times faster
+  `steps.create_state` does it: threefry not partitionable, which compiles several times faster
   on XLA:CPU and buys nothing for replicated parameters."""
   jax = _jax()
   import jax.numpy as jnp

@@ -81,6 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="with --backend_check: only the first N seeds (0: all); an XLA run is the slowest",
   )
   parser.add_argument(
+    "--sum_seeds",
+    type=int,
+    default=0,
+    help="the matched sum-TV arms on the first N seeds only (0: all); at 128 x 128 they are the "
+    "mean-TV arms' loss exactly (plan.make_plan)",
+  )
+  parser.add_argument(
     "--budget_minutes",
     type=float,
     default=0.0,
@@ -106,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.backend_check)
     else []
   )
-  runs = plan_lib.make_plan(arms, seeds, backend_check_seeds=check_seeds)
+  sum_seeds = seeds[: args.sum_seeds] if args.sum_seeds else None
+  runs = plan_lib.make_plan(arms, seeds, backend_check_seeds=check_seeds, sum_seeds=sum_seeds)
   all_arms = list(arms) + ([plan_lib.BACKEND_CHECK] if args.backend_check else [])
   start = time.time()
 

@@ -41,9 +41,13 @@ ALL: Choice = (True, True, True)
 # Ci + Co) and the call has >= min tiles 4x4 tiles per device (to amortise the weight transform,
 # which does not shrink with the batch). None: never. Measured per-layer, experiments/README.md.
 RULES: dict[str, tuple[int, int] | None] = {
-  "avx2": (40, 32),  # AMD EPYC (AVX2): every paper conv but the first and the 128 px 64 -> 64
-  "avx512": (40, 32),  # placeholder until measured
-  "amx": (40, 32),  # placeholder until measured (float32 runs on the AVX-512 units)
+  # AMD EPYC, AVX2: every paper conv at batch 8 but the first and the 128 px 64 -> 64 ones.
+  "avx2": (40, 32),
+  # Intel Xeon with AMX (float32 runs on its AVX-512 units), batch 8: only the 16-32 px convs
+  # with >= 256 channels, where Winograd won every pass; oneDNN's AVX-512 direct kernels tie or
+  # win elsewhere (Zen 4's, the issue's measurement, likewise). Also for AVX-512 without AMX.
+  "avx512": (128, 64),
+  "amx": (128, 64),
 }
 ISA_FLAGS = {  # /proc/cpuinfo flag -> ISA level, best first
   "amx_tile": "amx",
