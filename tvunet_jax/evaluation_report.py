@@ -14,6 +14,14 @@ from tvunet_jax import atomic, checkpointing, metrics, writers
 RESOLUTIONS = ("network", "native")  # the two passes of `evaluate.evaluate_run`
 
 
+def _passes(runs: dict[str, dict]):
+  """(run name, resolution, its metrics) of every pass that ran, runs in order."""
+  for name, r in runs.items():
+    for res in RESOLUTIONS:
+      if r.get(res) is not None:
+        yield name, res, r[res]
+
+
 def fmt(v: Any, digits: int = 4) -> str:
   """A number with `digits` decimals; 'n/a' for None, NaN and infinities."""
   if v is None or (isinstance(v, float) and not math.isfinite(v)):
@@ -42,19 +50,15 @@ def markdown_report(runs: dict[str, dict], split: str) -> str:
     "AP | mean volume Dice | paper_miou |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for name, r in runs.items():
-    for res in RESOLUTIONS:
-      m = r.get(res)
-      if m is None:
-        continue
-      op = m["operating"]
-      out.append(
-        f"| {name} | {res} | {fmt(op['dice'])} | {fmt(op['iou'])} | "
-        f"{fmt(op['class_mean_iou'])} | {fmt(op['precision'])} | "
-        f"{fmt(op['recall'])} | {fmt(op['specificity'])} | "
-        f"{fmt(m['average_precision'])} | {fmt(m['mean_volume_dice'])} | "
-        f"{fmt(op['paper_miou'])} |"
-      )
+  for name, res, m in _passes(runs):
+    op = m["operating"]
+    out.append(
+      f"| {name} | {res} | {fmt(op['dice'])} | {fmt(op['iou'])} | "
+      f"{fmt(op['class_mean_iou'])} | {fmt(op['precision'])} | "
+      f"{fmt(op['recall'])} | {fmt(op['specificity'])} | "
+      f"{fmt(m['average_precision'])} | {fmt(m['mean_volume_dice'])} | "
+      f"{fmt(op['paper_miou'])} |"
+    )
   out += [
     "",
     "## The paper's table (per threshold)",
@@ -63,18 +67,14 @@ def markdown_report(runs: dict[str, dict], split: str) -> str:
     "class-mean IoU | paper_miou |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for name, r in runs.items():
-    for res in RESOLUTIONS:
-      m = r.get(res)
-      if m is None:
-        continue
-      for i, t in enumerate(m["threshold"]):
-        out.append(
-          f"| {name} | {res} | {t:.1f} | {fmt(m['precision'][i])} | "
-          f"{fmt(m['recall'][i])} | {fmt(m['dice'][i])} | {fmt(m['iou'][i])} | "
-          f"{fmt(m['specificity'][i])} | {fmt(m['class_mean_iou'][i])} | "
-          f"{fmt(m['paper_miou'][i])} |"
-        )
+  for name, res, m in _passes(runs):
+    for i, t in enumerate(m["threshold"]):
+      out.append(
+        f"| {name} | {res} | {t:.1f} | {fmt(m['precision'][i])} | "
+        f"{fmt(m['recall'][i])} | {fmt(m['dice'][i])} | {fmt(m['iou'][i])} | "
+        f"{fmt(m['specificity'][i])} | {fmt(m['class_mean_iou'][i])} | "
+        f"{fmt(m['paper_miou'][i])} |"
+      )
   out += [
     "",
     "## Connectivity (per slice, 8-connected, at the operating threshold)",
@@ -83,20 +83,16 @@ def markdown_report(runs: dict[str, dict], split: str) -> str:
     "count MAE | isolated FP / slice | isolated FP fraction | missed lesions |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
-  for name, r in runs.items():
-    for res in RESOLUTIONS:
-      m = r.get(res)
-      if m is None:
-        continue
-      cc = m["connectivity"]
-      out.append(
-        f"| {name} | {res} | {cc['num_slices']} | {fmt(cc['mean_pred_components'], 2)}"
-        f" | {fmt(cc['mean_true_components'], 2)} | "
-        f"{fmt(cc['component_count_mae'], 2)} | "
-        f"{fmt(cc['isolated_fp_components_per_slice'], 2)} | "
-        f"{fmt(cc['isolated_fp_fraction'], 3)} | "
-        f"{fmt(cc['missed_lesion_fraction'], 3)} |"
-      )
+  for name, res, m in _passes(runs):
+    cc = m["connectivity"]
+    out.append(
+      f"| {name} | {res} | {cc['num_slices']} | {fmt(cc['mean_pred_components'], 2)}"
+      f" | {fmt(cc['mean_true_components'], 2)} | "
+      f"{fmt(cc['component_count_mae'], 2)} | "
+      f"{fmt(cc['isolated_fp_components_per_slice'], 2)} | "
+      f"{fmt(cc['isolated_fp_fraction'], 3)} | "
+      f"{fmt(cc['missed_lesion_fraction'], 3)} |"
+    )
   out += [
     "",
     "## Lesion-wise (3D components per volume, native resolution; BraTS 2023 "
@@ -122,14 +118,10 @@ def markdown_report(runs: dict[str, dict], split: str) -> str:
     "| run | resolution | volume | slices | Dice |",
     "|---|---|---|---|---|",
   ]
-  for name, r in runs.items():
-    for res in RESOLUTIONS:
-      m = r.get(res)
-      if m is None:
-        continue
-      pv = m["per_volume"]
-      for vid, ns, d in zip(pv["volume_id"], pv["num_slices"], pv["dice"]):
-        out.append(f"| {name} | {res} | {vid} | {int(ns)} | {fmt(float(d))} |")
+  for name, res, m in _passes(runs):
+    pv = m["per_volume"]
+    for vid, ns, d in zip(pv["volume_id"], pv["num_slices"], pv["dice"]):
+      out.append(f"| {name} | {res} | {vid} | {int(ns)} | {fmt(float(d))} |")
   return "\n".join(out) + "\n"
 
 
