@@ -15,11 +15,13 @@ or oneDNN into a message and exit status 0 (for set-up scripts).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
+
+from tvunet_jax import atomic
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, f) for f in ("onednn_conv.cc", "winograd.cc"))
@@ -62,11 +64,11 @@ def build(out: str = LIBRARY) -> str:
   if cxx is None:
     raise MissingPrerequisite("no C++ compiler found (set $CXX, or install g++)")
   lib = os.path.join(root, "lib")
+  stack = contextlib.ExitStack()  # the one atomic writer: the library appears whole or not at all
   try:
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
+    tmp = stack.enter_context(atomic.replacing(out, suffix=".so"))
   except OSError as e:
     raise RuntimeError(f"{out}: cannot write there ({e.strerror}); pass --out") from None
-  os.close(fd)
   # -march=native: the library is built on the machine that runs it, and the Winograd
   # transforms are plain loops the compiler vectorises for the widest registers there (AVX2,
   # AVX-512). -fopenmp: they run on the same OpenMP pool (libgomp) as oneDNN.
@@ -90,14 +92,10 @@ def build(out: str = LIBRARY) -> str:
     "-l:libdnnl.so.3",
     f"-Wl,-rpath,{lib}",
   ]
-  try:
+  with stack:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       raise RuntimeError(f"{' '.join(SOURCES)}: compilation failed:\n{proc.stderr.strip()}")
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return out
 
 
