@@ -12,7 +12,7 @@ NAMES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f
 
 
 def test_expected_configs_exist():
-  assert {"default", "tiny", "paper_split1", "unet_baseline", "tpu"} <= set(NAMES)
+  assert {"default", "tiny", "paper_split1", "unet_baseline", "tpu", "study"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,6 +1,7 @@
 """The reproduction study's recipe (issue 18): BCE (+ TV) on the phantom, one budget for all arms.
 
-  python -m experiments.reproduce --out experiments/results [--seeds 5] [--backend_check]
+  python -m experiments.reproduce --out experiments/results --seeds 5 --backend_check \
+      --backend_check_seeds 1 --sum_seeds 1
 
 runs every variant and seed with this config (the study sets `seed`, `loss.tv_weight`,
 `loss.tv_reduction` and, for the backend check, `model.conv_backend`). One run alone:
@@ -25,8 +26,11 @@ Choices and why:
     it equals the validation loss the convergence measurement selected on.
   * BatchNorm momentum 0.9: running statistics settle within the ~400 steps; Keras' 0.99 needs
     many more, and an unsettled running mean makes the inference-mode model predict nothing.
-  * Width: base 8 (paper: 64), depth 4: about 0.5M parameters (1/64 of the paper's 34.5M), a few
-    minutes per run on 2 cores, so 5 seeds of 8 variants fit in a few background sessions.
+  * Width: base 8 (paper: 64), depth 4: about 0.5M parameters (1/64 of the paper's 34.5M), about
+    3.5 minutes per run on 2 cores.
+  * The matched sum-TV arms on seed 0 only (`--sum_seeds 1`): at 128 x 128 a sum weight of
+    lambda / (128 * 127) is the mean-TV loss with lambda exactly (tests/test_losses.py), which seed
+    0 shows to three decimals; the XLA backend check on seed 0 only (`--backend_check_seeds 1`).
 """
 
 import ml_collections
