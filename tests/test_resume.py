@@ -112,6 +112,24 @@ def test_leftover_temporary_checkpoint_folders_are_ignored(short_config, straigh
   _assert_same_run(straight, workdir)
 
 
+def test_checkpoints_left_over_by_a_kill_are_pruned_at_start(short_config, straight, tmp_path):
+  """Killed after a new checkpoint (and a new best) committed and before Orbax deleted the
+  oldest: more than `keep` latest and two best steps are left, and the run has nothing left to
+  save. The next start removes the extra oldest ones and leaves the straight run's folders."""
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(short_config, workdir)
+  keep = short_config.train.keep_checkpoints
+  latest = _steps(os.path.join(workdir, "checkpoints"))
+  (best,) = _steps(os.path.join(workdir, "best"))
+  shutil.copytree(  # an older step the kill left behind, as Orbax would have written it
+    os.path.join(workdir, "checkpoints", str(latest[0])), os.path.join(workdir, "checkpoints", "1")
+  )
+  shutil.copytree(os.path.join(workdir, "best", str(best)), os.path.join(workdir, "best", "1"))
+  assert len(_steps(os.path.join(workdir, "checkpoints"))) == keep + 1
+  train.train_and_evaluate(short_config, workdir)
+  _assert_same_run(straight, workdir)
+
+
 def test_new_learning_rate_on_resume_is_used_and_history_kept(short_config, tmp_path):
   workdir = str(tmp_path / "run")
   short_config.train.stop_after_steps = 2

@@ -24,6 +24,8 @@ both are repaired rather than refused:
     so the kept files are what the save would have written.
   * checkpoints/S committed, best/S not: the checkpoint's meta names S as its best step, so
     `repair_best` saves the restored state (the same state) as best/S at start.
+A kill after a save committed and before Orbax deleted the oldest step leaves one step too many;
+opening the managers prunes it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ class Checkpoints:
         cleanup_tmp_directories=True,
       ),
     )
+    # Orbax deletes the oldest checkpoint after a new one commits, and only when it saves: a kill
+    # in between leaves one too many, which a resumed run that saves nothing more would keep.
+    # Pruned here, oldest first (the best manager's older one too), on every process as Orbax's
+    # own deletes.
+    for manager, n in ((self.last, keep), (self.best, 1)):
+      for step in sorted(manager.all_steps())[:-n]:
+        manager.delete(step)
+        logging.info("removed checkpoint %d left over by a killed start (keeping %d)", step, n)
 
   @staticmethod
   def _args(state, data_state: dict, meta: dict):
