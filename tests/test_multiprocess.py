@@ -29,7 +29,7 @@ def test_two_processes_train_and_agree(tiny_data, tmp_path):
     XLA_FLAGS="--xla_force_host_platform_device_count=2",
     PYTHONPATH=ROOT,
   )
-  procs = []
+  procs, logs = [], []
   for pid in range(2):
     cmd = [
       sys.executable,
@@ -50,12 +50,15 @@ def test_two_processes_train_and_agree(tiny_data, tmp_path):
       "--verbosity=1",
     ]  # the final JSON line is logged at 1
     # Own process group: on failure the whole group is killed (these processes can ignore TERM).
+    # Output to files, not pipes: at --verbosity=1 a process whose pipe is not being read fills
+    # it and blocks, and its peer then waits for it in a collective forever.
+    logs.append(open(tmp_path / f"process{pid}.log", "w+"))  # noqa: SIM115 (closed below)
     procs.append(
       subprocess.Popen(
         cmd,
         cwd=str(tmp_path),
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=logs[-1],
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
@@ -63,13 +66,15 @@ def test_two_processes_train_and_agree(tiny_data, tmp_path):
     )
   outputs = []
   try:
-    for p in procs:
-      out, _ = p.communicate(timeout=420)
-      outputs.append(out)
+    for p, log in zip(procs, logs):
+      p.wait(timeout=420)
+      log.seek(0)
+      outputs.append(log.read())
   finally:
-    for p in procs:
+    for p, log in zip(procs, logs):
       if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
+      log.close()
   for pid, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {pid} failed:\n{out[-3000:]}"
   finals = []
